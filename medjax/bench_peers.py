@@ -1,0 +1,159 @@
+"""medjax against its PyTorch peers on this CPU, measured alternately in one run.
+
+    bash ../shared/bench/peers_setup.sh    # once: CPU torch + MONAI into /tmp/medjax-peers
+    python -m medjax.bench_peers --rounds=5
+
+U-Net: MONAI BasicUNet(features=(16, 32, 64, 128, 256, 16)) from ../shared/bench/peer_unet.py
+against medjax's CRL U-Net (`configs/crl.py`, UNet width=16 depth=4: features 16, 32, 64, 128,
+256), one training step on a batch of 8 128x128x1 images, one device, --threads CPUs.
+What differs inside the step:
+- loss: the peer uses BCE; medjax uses BCE only too with --loss=bce (the default; sets
+  config.loss.dice_weight=0), or its training loss Dice + BCE with --loss=dice_bce.
+- optimizer: the peer uses Adam; medjax its trainer's step: global-norm clipping, then AdamW
+  with a warm-up/cosine schedule (a few element-wise passes over 1.9M parameters).
+- network: MONAI uses instance norm, LeakyReLU, biased convolutions and a 32-channel last
+  up-sampling; medjax batch norm (running statistics updated), ReLU, bias-free convolutions
+  and a 16-channel one. Parameters: 1.948M vs 1.942M.
+R(2+1)D (peer_r2plus1d.py) is skipped: medjax has no R(2+1)D model yet.
+
+Threads: both processes are pinned to the same --threads CPUs (sched_setaffinity). The peer
+also calls torch.set_num_threads(--threads); XLA's CPU client sizes its thread pool to the
+CPUs the process may run on (XLA_FLAGS has no thread-count flag in this jaxlib).
+
+Each round runs the peer and medjax once each, in alternating order, so drifts in the shared
+machine's load hit both alike; each run reports its median step time over --steps after
+--warmup (medjax excludes compilation). Reported: per side the median over rounds of the run
+medians, and the median of the per-round ratios medjax / peer (< 1: medjax is faster).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+from absl import app, flags
+
+from medjax import writers
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "Alternating rounds (one run of each side each).")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per run.")
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps per run.")
+_BATCH = flags.DEFINE_integer("batch", 8, "Images per step.")
+_SIZE = flags.DEFINE_integer("size", 128, "Image side.")
+_THREADS = flags.DEFINE_integer("threads", 2, "CPUs (and torch threads) for both sides.")
+_LOSS = flags.DEFINE_enum("loss", "bce", ["bce", "dice_bce"], "medjax's loss (see above).")
+_XLA_FLAGS = flags.DEFINE_string("xla_flags", "", "XLA_FLAGS for the medjax runs.")
+_PEERS_DIR = flags.DEFINE_string(
+    "peers_dir", os.path.join(REPO, "..", "shared", "bench"), "Folder of peer_unet.py."
+)
+_PEERS_PYTHON = flags.DEFINE_string(
+    "peers_python", "/tmp/medjax-peers/bin/python", "Python of the peers' venv."
+)
+_OUT = flags.DEFINE_string(
+    "out", os.path.join("runs", "benchmark", "peers.json"), "Where the results are written."
+)
+
+
+def pinned_cpus(threads: int) -> list[int]:
+    """The first `threads` CPUs this process may run on (all of them if fewer)."""
+    return sorted(os.sched_getaffinity(0))[:threads]
+
+
+def _run(command: list[str], cpus: list[int], env: dict | None = None) -> str:
+    """Runs `command` pinned to `cpus` from the repo root; returns its stdout."""
+    proc = subprocess.run(
+        command,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        preexec_fn=lambda: os.sched_setaffinity(0, cpus),
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def peer_unet_step_s(cpus: list[int]) -> float:
+    """Median step seconds of one run of the MONAI BasicUNet peer."""
+    script = os.path.join(_PEERS_DIR.value, "peer_unet.py")
+    out = _run(
+        [
+            _PEERS_PYTHON.value, script, f"--batch={_BATCH.value}", f"--size={_SIZE.value}",
+            f"--steps={_STEPS.value}", f"--warmup={_WARMUP.value}", f"--threads={_THREADS.value}",
+        ],
+        cpus,
+    )
+    return float(json.loads(out.strip().splitlines()[-1])["step_s_median"])
+
+
+def medjax_unet_step_s(cpus: list[int]) -> float:
+    """Median step seconds of one run of medjax.benchmark on the CRL U-Net."""
+    with tempfile.TemporaryDirectory(prefix="medjax-peers-") as tmp:
+        out = os.path.join(tmp, "benchmark.json")
+        command = [
+            sys.executable, "-m", "medjax.benchmark", "--config=configs/crl.py",
+            "--config.model.width=16", "--config.model.depth=4",
+            f"--config.data.image_size={_SIZE.value}", "--devices=1",
+            f"--batch_per_device={_BATCH.value}", f"--steps={_STEPS.value}",
+            f"--warmup={_WARMUP.value}", f"--out={out}",
+        ]
+        if _LOSS.value == "bce":
+            command.append("--config.loss.dice_weight=0.0")
+        _run(command, cpus, env={"XLA_FLAGS": _XLA_FLAGS.value, "JAX_PLATFORMS": "cpu"})
+        with open(out) as f:
+            return float(json.load(f)[0]["step_time_median_s"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    if not os.path.exists(_PEERS_PYTHON.value):
+        raise app.UsageError(
+            f"{_PEERS_PYTHON.value} is missing: run `bash ../shared/bench/peers_setup.sh` first."
+        )
+    cpus = pinned_cpus(_THREADS.value)
+    print(f"U-Net, batch {_BATCH.value} of {_SIZE.value}x{_SIZE.value}x1, CPUs {cpus}, "
+          f"medjax loss {_LOSS.value}; R(2+1)D skipped: medjax has no R(2+1)D model yet.")
+    sides = {"peer": peer_unet_step_s, "medjax": medjax_unet_step_s}
+    rounds = []
+    print(f"{'round':>5}  {'first':>6}  {'MONAI s':>8}  {'medjax s':>8}  {'medjax/MONAI':>12}")
+    for r in range(_ROUNDS.value):
+        order = ("peer", "medjax") if r % 2 == 0 else ("medjax", "peer")
+        times = {side: sides[side](cpus) for side in order}
+        ratio = times["medjax"] / times["peer"]
+        rounds.append({"first": order[0], **times, "medjax_over_peer": ratio})
+        print(f"{r + 1:>5}  {order[0]:>6}  {times['peer']:8.3f}  {times['medjax']:8.3f}  "
+              f"{ratio:12.2f}")
+    summary = {
+        name: statistics.median(r[name] for r in rounds)
+        for name in ("peer", "medjax", "medjax_over_peer")
+    }
+    print(f"{'median':>5}  {'':>6}  {summary['peer']:8.3f}  {summary['medjax']:8.3f}  "
+          f"{summary['medjax_over_peer']:12.2f}")
+    result = {
+        "peer": "monai.BasicUNet2d(16,32,64,128,256,16), BCE + Adam",
+        "medjax": f"UNet(width=16, depth=4), {_LOSS.value} + clipped AdamW",
+        "batch": _BATCH.value,
+        "size": _SIZE.value,
+        "steps": _STEPS.value,
+        "warmup": _WARMUP.value,
+        "cpus": cpus,
+        "xla_flags": _XLA_FLAGS.value,
+        "rounds": rounds,
+        "median_step_s": {"peer": summary["peer"], "medjax": summary["medjax"]},
+        "median_medjax_over_peer": summary["medjax_over_peer"],
+        "skipped": {"r2plus1d": "medjax has no R(2+1)D model yet"},
+    }
+    writers.write_json(_OUT.value, result)
+    print(f"Wrote {_OUT.value}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,1 @@
+"""Clinical measurements derived from model outputs (CRL, gestational age)."""

@@ -1,0 +1,225 @@
+"""Dataset registry, build API and the one command line for all medjax datasets.
+
+Command line::
+
+    python -m medjax.data list
+    python -m medjax.data synthesize crl_ultrasound --out RAW --num 300 --seed 0
+    python -m medjax.data build crl_ultrasound --manual_dir=RAW --data_dir=OUT
+
+Python API (used by the trainer)::
+
+    builder = ensure_built("crl_ultrasound", data_dir=OUT, synthetic_num=300, synthetic_seed=0)
+    train = builder.as_data_source("train")   # random access; train[i] is a dict of numpy
+
+Where things go. A dataset built from raw directory RAW is stored, the TFDS way, in
+`<data_dir>/<name>/<source key>/<version>/`, where the TFDS BuilderConfig name `<source key>`
+is `<RAW's folder name>-<12 hex digits of a SHA-256 over the relative path, size and
+modification time of every non-hidden file under RAW>` (a stat, not a read: cheap even for a
+many-gigabyte video dataset). Datasets built from different raw data (say a synthetic one and a
+real one) therefore never collide in one data_dir, rebuilding from unchanged raw data is a
+no-op, and editing a raw file leads to a fresh build rather than to stale data. Builders cannot
+tell synthetic raw data from real raw data; only `ensure_built` synthesizes, into
+`<data_dir>/raw/<name>_synthetic_n<num>_s<seed>/`.
+
+Builds never touch the network: no GCS lookups, no downloads; the data comes from the manual
+directory only. TFDS writes into a temporary `incomplete.*` folder and renames it when done,
+so an interrupted build leaves no half-written dataset behind (just that temporary folder).
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+
+import tensorflow_datasets as tfds
+from medjax_datasets import crl_ultrasound
+
+FILE_FORMAT = "array_record"
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetEntry:
+    """A registered dataset: its TFDS builder, its synthetic generator and a description."""
+
+    builder_class: type[tfds.core.GeneratorBasedBuilder]
+    synthesize: Callable[..., None]  # synthesize(out_dir, num, seed)
+    description: str
+
+
+DATASETS: dict[str, DatasetEntry] = {
+    "crl_ultrasound": DatasetEntry(
+        builder_class=crl_ultrasound.CrlUltrasound,
+        synthesize=crl_ultrasound.synthesize,
+        description="First-trimester ultrasound: fetus mask, crown/rump points, GA, quality.",
+    ),
+}
+
+
+def _entry(name: str) -> DatasetEntry:
+    if name not in DATASETS:
+        raise KeyError(f"Unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}.")
+    return DATASETS[name]
+
+
+def source_key(manual_dir: str | os.PathLike) -> str:
+    """The BuilderConfig name identifying a raw directory by its name and content."""
+    manual_dir = os.path.abspath(manual_dir)
+    if not os.path.isdir(manual_dir):
+        raise FileNotFoundError(f"Raw data directory {manual_dir!r} does not exist.")
+    digest = hashlib.sha256()
+    for root, dirs, files in os.walk(manual_dir):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for file in sorted(f for f in files if not f.startswith(".")):
+            path = os.path.join(root, file)
+            stat = os.stat(path)
+            digest.update(
+                f"{os.path.relpath(path, manual_dir)}\0{stat.st_size}\0"
+                f"{stat.st_mtime_ns}\0".encode()
+            )
+    slug = re.sub(r"[^A-Za-z0-9_]+", "_", os.path.basename(manual_dir)).strip("_") or "raw"
+    return f"{slug}-{digest.hexdigest()[:12]}"
+
+
+def synthesize(name: str, out_dir: str | os.PathLike, num: int, seed: int) -> None:
+    """Writes `num` synthetic examples of dataset `name` in its raw layout into `out_dir`."""
+    _entry(name).synthesize(out_dir, num, seed)
+
+
+def _builder(name: str, data_dir: str | os.PathLike, config: str) -> tfds.core.DatasetBuilder:
+    return _entry(name).builder_class(
+        data_dir=os.fspath(data_dir),
+        config=tfds.core.BuilderConfig(name=config),
+        file_format=FILE_FORMAT,
+    )
+
+
+def build(
+    name: str, manual_dir: str | os.PathLike, data_dir: str | os.PathLike
+) -> tfds.core.DatasetBuilder:
+    """Builds dataset `name` from raw `manual_dir` into `data_dir`; returns the prepared builder.
+
+    Idempotent: when this raw data is already built in `data_dir`, only loads it.
+    """
+    builder = _builder(name, data_dir, source_key(manual_dir))
+    if not builder.is_prepared():
+        builder.download_and_prepare(
+            file_format=FILE_FORMAT,
+            download_config=tfds.download.DownloadConfig(
+                manual_dir=os.fspath(manual_dir), try_download_gcs=False
+            ),
+        )
+    return builder
+
+
+def built_configs(name: str, data_dir: str | os.PathLike) -> list[str]:
+    """Source keys of the complete builds of dataset `name` in `data_dir`."""
+    root = os.path.join(data_dir, name)
+    version = str(_entry(name).builder_class.VERSION)
+    if not os.path.isdir(root):
+        return []
+    return sorted(
+        config
+        for config in os.listdir(root)
+        if os.path.isfile(os.path.join(root, config, version, "dataset_info.json"))
+    )
+
+
+def load_builder(
+    name: str, data_dir: str | os.PathLike, config: str | None = None
+) -> tfds.core.DatasetBuilder:
+    """The prepared builder of dataset `name` in `data_dir`.
+
+    `config` (a source key, see module doc) may be left out when `data_dir` holds one build.
+    """
+    configs = built_configs(name, data_dir)
+    if config is None:
+        if len(configs) != 1:
+            found = f"several ({', '.join(configs)}); pass config=" if configs else "none"
+            raise FileNotFoundError(
+                f"Expected one build of {name!r} in {os.fspath(data_dir)!r}, found {found}. Build "
+                f"with `python -m medjax.data build {name} --manual_dir=RAW --data_dir=...`."
+            )
+        config = configs[0]
+    elif config not in configs:
+        raise FileNotFoundError(
+            f"No build {config!r} of {name!r} in {os.fspath(data_dir)!r}; found {configs}."
+        )
+    return _builder(name, data_dir, config)
+
+
+def synthetic_raw_dir(name: str, data_dir: str | os.PathLike, num: int, seed: int) -> str:
+    return os.path.join(data_dir, "raw", f"{name}_synthetic_n{num}_s{seed}")
+
+
+def ensure_built(
+    name: str,
+    *,
+    manual_dir: str | os.PathLike | None = None,
+    data_dir: str | os.PathLike,
+    synthetic_num: int | None = None,
+    synthetic_seed: int = 0,
+) -> tfds.core.DatasetBuilder:
+    """Returns the prepared builder, building (and, without `manual_dir`, synthesizing) if needed.
+
+    Without `manual_dir`, `synthetic_num` examples with `synthetic_seed` are synthesized into
+    `synthetic_raw_dir(...)` unless already there (written to a temporary folder then renamed,
+    so a killed run never leaves a partial raw directory), then built from it.
+    """
+    if manual_dir is None:
+        if synthetic_num is None:
+            raise ValueError("Pass manual_dir (real data) or synthetic_num (synthetic data).")
+        manual_dir = synthetic_raw_dir(name, data_dir, synthetic_num, synthetic_seed)
+        if not os.path.isdir(manual_dir):
+            os.makedirs(os.path.dirname(manual_dir), exist_ok=True)
+            tmp_dir = tempfile.mkdtemp(prefix=".incomplete-", dir=os.path.dirname(manual_dir))
+            try:
+                synthesize(name, tmp_dir, synthetic_num, synthetic_seed)
+                os.rename(tmp_dir, manual_dir)
+            except OSError:
+                if not os.path.isdir(manual_dir):  # Not just lost a race to another process.
+                    raise
+            finally:
+                shutil.rmtree(tmp_dir, ignore_errors=True)
+    return build(name, manual_dir, data_dir)
+
+
+def _print_splits(builder: tfds.core.DatasetBuilder) -> None:
+    print(f"Built {builder.name} in {builder.data_dir}")
+    for split, info in sorted(builder.info.splits.items()):
+        print(f"  {split}: {info.num_examples} examples")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m medjax.data", description=__doc__.split("\n")[0]
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("list", help="list the registered datasets")
+    synth = commands.add_parser("synthesize", help="write a synthetic raw dataset")
+    synth.add_argument("name", choices=sorted(DATASETS))
+    synth.add_argument("--out", required=True, help="new or empty raw data directory")
+    synth.add_argument("--num", type=int, required=True, help="number of examples")
+    synth.add_argument("--seed", type=int, default=0)
+    build_cmd = commands.add_parser("build", help="build a TFDS dataset from a raw directory")
+    build_cmd.add_argument("name", choices=sorted(DATASETS))
+    build_cmd.add_argument("--manual_dir", required=True, help="raw data directory")
+    build_cmd.add_argument("--data_dir", required=True, help="TFDS data directory to build into")
+    args = parser.parse_args(argv)
+
+    if args.command == "list":
+        for name, entry in sorted(DATASETS.items()):
+            print(f"{name}\t{entry.description}")
+    elif args.command == "synthesize":
+        synthesize(args.name, args.out, args.num, args.seed)
+        print(f"Wrote {args.num} synthetic {args.name} examples to {args.out}")
+    else:
+        _print_splits(build(args.name, args.manual_dir, args.data_dir))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

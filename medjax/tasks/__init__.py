@@ -1,0 +1,66 @@
+"""Task registry: `config.task` -> the Task class that knows its model, loss, data and metrics."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+def _crl(config: Any):
+    if config.stage == "quality":
+        from medjax.tasks.crl_quality import CrlQuality
+
+        return CrlQuality(config)
+    if config.stage == "keypoints":
+        from medjax.tasks.crl_keypoints import CrlKeypoints
+
+        return CrlKeypoints(config)
+    from medjax.tasks.crl import CrlSegmentation
+
+    return CrlSegmentation(config)
+
+
+# The metrics medjax.main prints after evaluation, where a task reports them.
+HEADLINE_METRICS = (
+    "dice",
+    "iou",
+    "pixel_f1",  # segmentation
+    "auc",
+    "accuracy",
+    "sensitivity",
+    "specificity",  # classification
+    "point_error_mm",
+    "pck_5mm",
+    "crl_abs_error_mm",  # keypoints
+)
+
+TASKS = {
+    "crl": _crl,
+}
+
+
+def run_dir(config: Any, workdir: str) -> str:
+    """The directory of one run: `workdir/<stage>` for staged tasks, else `workdir`.
+
+    The stages of one experiment (e.g. CRL segment, quality, keypoints) share a workdir, so
+    chained prediction and end-to-end evaluation need only that workdir.
+    """
+    stage = config.get("stage")
+    return os.path.join(workdir, stage) if stage else workdir
+
+
+def get_task(config: Any):
+    if config.task not in TASKS:
+        raise ValueError(
+            f"config.task={config.task!r} is not a known task; known: {', '.join(sorted(TASKS))}."
+        )
+    return TASKS[config.task](config)
+
+
+def end_to_end_evaluator(config: Any):
+    """The function evaluating a task's chained stages together, for tasks that chain."""
+    if config.task == "crl":
+        from medjax.tasks.crl_chain import evaluate_end_to_end
+
+        return evaluate_end_to_end
+    raise ValueError(f"Task {config.task!r} has no end-to-end evaluation (only crl does).")

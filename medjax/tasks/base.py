@@ -1,0 +1,88 @@
+"""The Task interface: what the task-agnostic trainer and evaluator ask of a task.
+
+A task is a model builder + loss + metrics + data (scenic's `BaseModel`, plus the input
+pipeline). Everything the trainer jit-compiles (`loss`, `eval_step`, `predict`) is a pure
+function of (variables, batch[, rng]).
+
+Metrics from `eval_step` are (sum, count) pairs per batch, added up over the whole split on
+the host and divided once by `finalize_metrics`, so a mean never depends on batching.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Iterator, Mapping
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+Batch = Mapping[str, Any]
+Variables = Mapping[str, Any]
+
+
+class Task(abc.ABC):
+    """Base class of all tasks. Subclasses set `model` in __init__."""
+
+    model: nn.Module
+
+    def __init__(self, config):
+        self.config = config
+
+    # ------------------------------------------------------------------ model
+    @abc.abstractmethod
+    def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
+        """Zeros with the shapes/dtypes of a training batch (used to initialise the model)."""
+
+    def init_variables(self, rng: jax.Array, batch: Batch) -> dict:
+        """Returns the model's variables: {'params': ..., and e.g. 'batch_stats': ...}."""
+        return dict(self.model.init(rng, self.model_inputs(batch), train=False))
+
+    @abc.abstractmethod
+    def model_inputs(self, batch: Batch) -> jax.Array:
+        """The array the model is applied to, computed from a (device) batch."""
+
+    # ------------------------------------------------------------------ training
+    @abc.abstractmethod
+    def loss(
+        self, variables: Variables, batch: Batch, rng: jax.Array
+    ) -> tuple[jax.Array, tuple[dict, dict]]:
+        """Training loss. Returns (loss, (scalar metrics, updated mutable model state))."""
+
+    # ------------------------------------------------------------------ evaluation
+    @abc.abstractmethod
+    def eval_step(self, variables: Variables, batch: Batch) -> dict[str, Any]:
+        """Per-batch metric values; rows with batch['valid'] False must not count.
+
+        Each value is either a (sum, count) pair, added up over the split, or an array of
+        per-example values (leading batch axis), gathered over the split's valid rows for
+        metrics that need every value (AUC, Bland-Altman).
+        """
+
+    def finalize_metrics(
+        self, totals: Mapping[str, tuple[float, float]], gathered: Mapping[str, np.ndarray]
+    ) -> dict[str, float]:
+        """The split's metrics from summed pairs and gathered values (default: sum / count)."""
+        return {k: (s / c if c else float("nan")) for k, (s, c) in totals.items()}
+
+    @abc.abstractmethod
+    def predict(self, variables: Variables, batch: Batch) -> dict[str, jax.Array]:
+        """Inference outputs for a batch (probabilities, masks, points, ...)."""
+
+    # ------------------------------------------------------------------ data
+    @abc.abstractmethod
+    def train_loader(self, batch_size: int, seed: int):
+        """A grain DataLoader of host-local training batches of `batch_size`."""
+
+    @abc.abstractmethod
+    def eval_batches(self, split: str, batch_size: int) -> Iterator[tuple[dict, dict]]:
+        """(device_batch, host_batch) pairs covering `split` once."""
+
+    @abc.abstractmethod
+    def num_examples(self, split: str) -> int:
+        """Number of examples in a split."""
+
+    # ------------------------------------------------------------------ reports
+    def write_report(self, out_dir: str, samples: list[tuple[dict, dict, dict]]) -> list[str]:
+        """Writes pictures of (example, host fields, prediction) samples; returns the paths."""
+        return []

@@ -1,0 +1,207 @@
+"""CRL quality and keypoint stages learn; the chain measures PNG and DICOM images end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import cv2
+import numpy as np
+import pytest
+
+from medjax import evaluate, predict, tasks, train
+from medjax.clinical import crl as clinical
+from medjax.preprocess.dicom import DicomReadError
+from medjax.preprocess.image import ImageReadError
+from medjax.tasks import crl_chain
+from tests.conftest import load_config
+
+COMMON = dict(
+    data__synthetic_num=200,
+    train__batch_size=16,
+    train__warmup_steps=10,
+    train__log_every=100,
+    eval__batch_size=16,
+)
+# Each stage has its own input size; the chain letterboxes the original image for each.
+STAGE_OVERRIDES = {
+    "segment": dict(
+        data__image_size=48,
+        model__width=8,
+        train__steps=150,
+        train__eval_every=150,
+        train__checkpoint_every=150,
+        train__learning_rate=3e-3,
+    ),
+    # Validation AUC moves a lot between checkpoints of this tiny VGG: keep the best of three.
+    "quality": dict(
+        data__image_size=48,
+        model__width=8,
+        train__steps=300,
+        train__eval_every=100,
+        train__checkpoint_every=100,
+        train__learning_rate=1e-3,
+    ),
+    "keypoints": dict(
+        data__image_size=64,
+        model__width=8,
+        model__head_channels=32,
+        train__steps=400,
+        train__eval_every=400,
+        train__checkpoint_every=400,
+        train__learning_rate=3e-3,
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    """One experiment directory with the three stages trained on shared synthetic data."""
+    root = tmp_path_factory.mktemp("crl_experiment")
+    workdir, data_dir = str(root / "run"), str(root / "data")
+    results = {}
+    for stage, overrides in STAGE_OVERRIDES.items():
+        config = load_config(
+            arg=f"stage={stage},smoke", data__data_dir=data_dir, **COMMON, **overrides
+        )
+        train.train_and_evaluate(config, tasks.run_dir(config, workdir))
+        results[stage] = evaluate.evaluate_checkpoint(
+            config, tasks.run_dir(config, workdir), checkpoint="best", split="test"
+        )
+    return workdir, data_dir, results
+
+
+def _stage_task(stage, data_dir):
+    return tasks.get_task(
+        load_config(
+            arg=f"stage={stage},smoke", data__data_dir=data_dir, **COMMON, **STAGE_OVERRIDES[stage]
+        )
+    )
+
+
+def test_keypoints_beat_the_mean_point_predictor(experiment):
+    _, data_dir, results = experiment
+    task = _stage_task("keypoints", data_dir)
+    train_points = np.concatenate(
+        [b["points"][b["valid"]] for b, _ in task.eval_batches("train", 16)]
+    )
+    mean_points = train_points.mean(axis=0)  # The best fixed guess for (crown, rump).
+    errors_mm = []
+    for batch, _ in task.eval_batches("test", 16):
+        valid = batch["valid"]
+        err_px = np.linalg.norm(batch["points"][valid] - mean_points, axis=-1).mean(-1)
+        errors_mm.append(err_px * batch["pixel_spacing_mm"][valid])
+    baseline_mm = float(np.mean(np.concatenate(errors_mm)))
+    model_mm = results["keypoints"]["point_error_mm"]
+    assert model_mm < 0.6 * baseline_mm, (model_mm, baseline_mm)
+    assert results["keypoints"]["pck_5mm"] > 0.3, results["keypoints"]
+
+
+def test_quality_beats_the_majority_class(experiment):
+    """A majority-class (or any constant) classifier has AUC 0.5 and balanced accuracy 0.5."""
+    _, _, results = experiment
+    quality = results["quality"]
+    assert quality["auc"] > 0.75, quality
+    assert quality["balanced_accuracy"] > 0.6, quality
+    (tn, fp), (fn, tp) = quality["confusion_matrix"]
+    assert tn + fp + fn + tp == quality["num_examples"]
+    assert tp + fn == quality["num_bad"] > 0
+
+
+def _test_example(data_dir):
+    source = _stage_task("segment", data_dir).source("test")
+    element = source[0]
+    truth = float(clinical.crl_mm(element["crown"], element["rump"], element["pixel_spacing_mm"]))
+    return element, truth
+
+
+def _write_dicom(path, image, spacing_mm):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.6.1"  # Ultrasound Image Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = (
+        meta.MediaStorageSOPClassUID,
+        meta.MediaStorageSOPInstanceUID,
+    )
+    ds.Modality = "US"
+    ds.Rows, ds.Columns = image.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelSpacing = [f"{spacing_mm:.6f}", f"{spacing_mm:.6f}"]
+    ds.PixelData = np.ascontiguousarray(image, np.uint8).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_predict_measures_png_and_dicom(experiment, tmp_path):
+    workdir, data_dir, _ = experiment
+    element, truth_mm = _test_example(data_dir)
+    image = element["image"][..., 0]
+    spacing = float(element["pixel_spacing_mm"])
+    png, dcm = str(tmp_path / "scan.png"), str(tmp_path / "scan.dcm")
+    cv2.imwrite(png, image)
+    _write_dicom(dcm, image, spacing)
+    out = str(tmp_path / "out")
+    png_report, dcm_report = predict.predict_files(workdir, [png, dcm], out, pixel_spacing_mm=None)
+    # The DICOM carries its spacing; the PNG has none, so CRL is in pixels only.
+    assert dcm_report["pixel_spacing_mm"] == pytest.approx(spacing, rel=1e-5)
+    assert abs(dcm_report["crl_mm"] - truth_mm) < 0.2 * truth_mm, (dcm_report, truth_mm)
+    assert dcm_report["ga_days"]["robinson"]["days"] == pytest.approx(
+        clinical.ga_robinson_days(dcm_report["crl_mm"]).days
+    )
+    assert png_report["crl_mm"] is None and any(
+        "pixel spacing" in w for w in png_report["warnings"]
+    )
+    assert png_report["crl_px"] == pytest.approx(dcm_report["crl_px"], rel=1e-4)
+    for stem in ("scan",):
+        saved = json.load(open(os.path.join(out, f"{stem}.json")))
+        assert saved["quality"]["verdict"] in ("good", "bad")
+        assert 0.0 <= saved["quality"]["p_bad"] <= 1.0
+        assert cv2.imread(os.path.join(out, f"{stem}.png")) is not None
+
+
+def test_predict_rejects_garbage_with_the_file_named(experiment, tmp_path):
+    workdir, _, _ = experiment
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    fake_dicom = tmp_path / "fake.dcm"
+    fake_dicom.write_text("not a dicom")
+    for path, error in (
+        (text, ImageReadError),
+        (empty, ImageReadError),
+        (fake_dicom, DicomReadError),
+    ):
+        with pytest.raises(error, match=path.name):
+            predict.predict_files(workdir, [str(path)], str(tmp_path / "out"))
+
+
+def test_missing_stage_names_the_command(experiment, tmp_path):
+    workdir, _, _ = experiment
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    os.symlink(os.path.join(workdir, "segment"), partial / "segment")
+    with pytest.raises(crl_chain.MissingStageError, match="stage=quality"):
+        crl_chain.CrlChain(str(partial))
+
+
+def test_end_to_end_evaluation_reports_crl_and_ga_errors(experiment):
+    workdir, data_dir, results = experiment
+    config = load_config(arg="smoke", data__data_dir=data_dir, **COMMON)
+    metrics = crl_chain.evaluate_end_to_end(config, workdir, split="test")
+    out_dir = os.path.join(workdir, "eval", "test")
+    saved = json.load(open(os.path.join(out_dir, "metrics.json")))
+    assert saved["num_images"] == results["segment"]["num_examples"]
+    assert abs(saved["crl_error_mean_mm"]) < 5.0 and saved["crl_error_sd_mm"] > 0
+    assert saved["ga_abs_error_mean_days"] < 7.0
+    assert set(saved["stages"]) == {"segment", "quality", "keypoints"}
+    assert saved["stages"]["segment"]["dice"] == pytest.approx(results["segment"]["dice"])
+    for name in ("crl", "ga"):
+        assert cv2.imread(os.path.join(out_dir, f"bland_altman_{name}.png")) is not None
+    assert metrics["crl_bland_altman"]["n"] == saved["num_images"]
