@@ -5,6 +5,8 @@ Command line::
     python -m medjax.data list
     python -m medjax.data synthesize crl_ultrasound --out RAW --num 300 --seed 0
     python -m medjax.data build crl_ultrasound --manual_dir=RAW --data_dir=OUT
+    python -m medjax.data build echonet_dynamic --manual_dir=RAW --data_dir=OUT \
+        --skip_missing_videos
 
 Python API (used by the trainer)::
 
@@ -37,7 +39,7 @@ import tempfile
 from collections.abc import Callable
 
 import tensorflow_datasets as tfds
-from medjax_datasets import crl_ultrasound
+from medjax_datasets import crl_ultrasound, echonet_dynamic
 
 FILE_FORMAT = "array_record"
 
@@ -49,6 +51,7 @@ class DatasetEntry:
     builder_class: type[tfds.core.GeneratorBasedBuilder]
     synthesize: Callable[..., None]  # synthesize(out_dir, num, seed)
     description: str
+    build_options: tuple[str, ...] = ()  # Keyword arguments its builder class accepts.
 
 
 DATASETS: dict[str, DatasetEntry] = {
@@ -56,6 +59,12 @@ DATASETS: dict[str, DatasetEntry] = {
         builder_class=crl_ultrasound.CrlUltrasound,
         synthesize=crl_ultrasound.synthesize,
         description="First-trimester ultrasound: fetus mask, crown/rump points, GA, quality.",
+    ),
+    "echonet_dynamic": DatasetEntry(
+        builder_class=echonet_dynamic.EchonetDynamic,
+        synthesize=echonet_dynamic.synthesize,
+        description="Echocardiogram videos: ejection fraction, EDV/ESV, ED/ES LV masks.",
+        build_options=("skip_missing_videos",),
     ),
 }
 
@@ -90,22 +99,39 @@ def synthesize(name: str, out_dir: str | os.PathLike, num: int, seed: int) -> No
     _entry(name).synthesize(out_dir, num, seed)
 
 
-def _builder(name: str, data_dir: str | os.PathLike, config: str) -> tfds.core.DatasetBuilder:
-    return _entry(name).builder_class(
+def _builder(
+    name: str, data_dir: str | os.PathLike, config: str, **options
+) -> tfds.core.DatasetBuilder:
+    entry = _entry(name)
+    unknown = sorted(set(options) - set(entry.build_options))
+    if unknown:
+        accepted = ", ".join(entry.build_options) or "none"
+        raise ValueError(
+            f"Dataset {name!r} has no build option {', '.join(unknown)} (it accepts: {accepted})."
+        )
+    return entry.builder_class(
         data_dir=os.fspath(data_dir),
         config=tfds.core.BuilderConfig(name=config),
         file_format=FILE_FORMAT,
+        **options,
     )
 
 
 def build(
-    name: str, manual_dir: str | os.PathLike, data_dir: str | os.PathLike
+    name: str,
+    manual_dir: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    *,
+    skip_missing_videos: bool = False,
 ) -> tfds.core.DatasetBuilder:
     """Builds dataset `name` from raw `manual_dir` into `data_dir`; returns the prepared builder.
 
     Idempotent: when this raw data is already built in `data_dir`, only loads it.
+    `skip_missing_videos` (video datasets only) leaves out the listed videos whose file is
+    missing instead of failing.
     """
-    builder = _builder(name, data_dir, source_key(manual_dir))
+    options = {"skip_missing_videos": True} if skip_missing_videos else {}
+    builder = _builder(name, data_dir, source_key(manual_dir), **options)
     if not builder.is_prepared():
         builder.download_and_prepare(
             file_format=FILE_FORMAT,
@@ -163,6 +189,7 @@ def ensure_built(
     data_dir: str | os.PathLike,
     synthetic_num: int | None = None,
     synthetic_seed: int = 0,
+    skip_missing_videos: bool = False,
 ) -> tfds.core.DatasetBuilder:
     """Returns the prepared builder, building (and, without `manual_dir`, synthesizing) if needed.
 
@@ -185,7 +212,7 @@ def ensure_built(
                     raise
             finally:
                 shutil.rmtree(tmp_dir, ignore_errors=True)
-    return build(name, manual_dir, data_dir)
+    return build(name, manual_dir, data_dir, skip_missing_videos=skip_missing_videos)
 
 
 def _print_splits(builder: tfds.core.DatasetBuilder) -> None:
@@ -209,6 +236,11 @@ def main(argv: list[str] | None = None) -> None:
     build_cmd.add_argument("name", choices=sorted(DATASETS))
     build_cmd.add_argument("--manual_dir", required=True, help="raw data directory")
     build_cmd.add_argument("--data_dir", required=True, help="TFDS data directory to build into")
+    build_cmd.add_argument(
+        "--skip_missing_videos",
+        action="store_true",
+        help="leave out listed videos whose file is missing instead of failing (video datasets)",
+    )
     args = parser.parse_args(argv)
 
     if args.command == "list":
@@ -218,7 +250,14 @@ def main(argv: list[str] | None = None) -> None:
         synthesize(args.name, args.out, args.num, args.seed)
         print(f"Wrote {args.num} synthetic {args.name} examples to {args.out}")
     else:
-        _print_splits(build(args.name, args.manual_dir, args.data_dir))
+        _print_splits(
+            build(
+                args.name,
+                args.manual_dir,
+                args.data_dir,
+                skip_missing_videos=args.skip_missing_videos,
+            )
+        )
 
 
 if __name__ == "__main__":

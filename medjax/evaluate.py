@@ -30,7 +30,13 @@ MODEL_COLLECTIONS = ("params", "batch_stats")
 
 
 def evaluate_variables(
-    task, variables: Mapping[str, Any], split: str, mesh, *, num_samples: int = 0
+    task,
+    variables: Mapping[str, Any],
+    split: str,
+    mesh,
+    *,
+    num_samples: int = 0,
+    gathered_out: dict | None = None,
 ) -> tuple[dict, list]:
     """Runs the task's evaluator over every example of `split`.
 
@@ -40,6 +46,7 @@ def evaluate_variables(
       split: dataset split name.
       mesh: device mesh; eval batches are sharded over its 'data' axis.
       num_samples: how many (example, host fields, prediction) triples to return for pictures.
+      gathered_out: if a dict, receives the split's gathered per-example values.
 
     Returns:
       (metrics dict, samples list)
@@ -85,10 +92,10 @@ def evaluate_variables(
                 )
     if not totals and not gathered:
         raise ValueError(f"Split {split!r} is empty: nothing to evaluate.")
-    metrics = task.finalize_metrics(
-        {k: tuple(v) for k, v in totals.items()},
-        {k: np.concatenate(v) for k, v in gathered.items()},
-    )
+    gathered = {k: np.concatenate(v) for k, v in gathered.items()}
+    if gathered_out is not None:
+        gathered_out.update(gathered)
+    metrics = task.finalize_metrics({k: tuple(v) for k, v in totals.items()}, gathered)
     return metrics, samples
 
 
@@ -120,8 +127,9 @@ def evaluate_checkpoint(
     state = checkpointer.restore_arrays(step, parallel.replicated(mesh))
     variables = model_variables(state)
     start = time.time()
+    gathered = {}
     metrics, samples = evaluate_variables(
-        task, variables, split, mesh, num_samples=config.eval.num_plot
+        task, variables, split, mesh, num_samples=config.eval.num_plot, gathered_out=gathered
     )
     out_dir = os.path.join(workdir, "eval", split)
     result = {
@@ -134,6 +142,7 @@ def evaluate_checkpoint(
     if jax.process_index() == 0:
         writers.write_json(os.path.join(out_dir, "metrics.json"), result)
         pictures = task.write_report(out_dir, samples)
+        pictures += task.write_evaluation(out_dir, split, gathered)
         logging.info("Evaluation of step %d on %r: %s", step, split, _format(metrics))
         logging.info(
             "Wrote %s and %s",

@@ -74,6 +74,15 @@ def any_process(flag: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.array([flag], np.int32))))
 
 
+def max_over_processes(value: int) -> int:
+    """The largest `value` over all processes (a collective: every process must call it)."""
+    if jax.process_count() == 1:
+        return int(value)
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.array([value], np.int64))))
+
+
 def build_once(build: Callable[[], T]) -> T:
     """Runs `build` on process 0 first, then on the others (which then find it done).
 

@@ -1,4 +1,4 @@
-"""Evaluation plots drawn with OpenCV only (no matplotlib): Bland–Altman and scatter.
+"""Evaluation plots drawn with OpenCV only (no matplotlib): Bland–Altman, scatter, ROC, curves.
 
 Each function takes paired measurements, drops pairs where either value is NaN or
 infinite, writes a PNG (creating missing parent folders) and returns summary statistics
@@ -14,7 +14,7 @@ import os
 import cv2
 import numpy as np
 
-__all__ = ["bland_altman_png", "scatter_png"]
+__all__ = ["bland_altman_png", "scatter_png", "roc_png", "curve_png"]
 
 _WHITE = (255, 255, 255)
 _BLACK = (0, 0, 0)
@@ -414,3 +414,87 @@ def scatter_png(path: str, x, y, *, title: str, xlabel: str, ylabel: str) -> dic
     axes.draw_points(x, y)
     _save_png(path, image)
     return {"n": n, "mae": mae, "pearson_r": pearson_r}
+
+
+def roc_curve(scores, labels) -> tuple[np.ndarray, np.ndarray]:
+    """False- and true-positive rates at every distinct score threshold (high score = positive).
+
+    Args:
+      scores: real scores, 1-D.
+      labels: 0/1 (or bool) labels, same length; both classes must be present.
+
+    Returns:
+      (fpr, tpr), each starting at 0 and ending at 1.
+    """
+    scores = np.asarray(scores, np.float64).ravel()
+    labels = np.asarray(labels).ravel().astype(bool)
+    order = np.argsort(-scores, kind="mergesort")
+    scores, labels = scores[order], labels[order]
+    last_of_tie = np.r_[np.diff(scores) != 0, True]
+    tps = np.cumsum(labels)[last_of_tie]
+    fps = np.cumsum(~labels)[last_of_tie]
+    positives, negatives = max(int(labels.sum()), 1), max(int((~labels).sum()), 1)
+    return np.r_[0.0, fps / negatives], np.r_[0.0, tps / positives]
+
+
+def roc_png(path: str, scores, labels, *, title: str) -> dict:
+    """ROC curve of `scores` for binary `labels` (high score = positive class), with its AUC.
+
+    Args:
+      path: PNG file to write.
+      scores: real scores, any shape; NaN scores are dropped.
+      labels: 0/1 labels, same number of elements.
+      title: plot title (ASCII).
+
+    Returns:
+      Dict with ``n`` (int) and ``auc`` (trapezoidal area; NaN when a class is missing).
+    """
+    scores = np.asarray(scores, np.float64).ravel()
+    labels = np.asarray(labels).ravel()
+    keep = np.isfinite(scores)
+    scores, labels = scores[keep], labels[keep]
+    n = int(scores.size)
+    auc = math.nan
+    fpr, tpr = np.array([0.0, 1.0]), np.array([0.0, 1.0])
+    if 0 < labels.sum() < n:
+        fpr, tpr = roc_curve(scores, labels)
+        auc = float(np.trapezoid(tpr, fpr))
+    image = np.full((560, 560, 3), 255, np.uint8)
+    axes = _Axes(image, (80, 50, 530, 500), [0.0, 1.0], [0.0, 1.0])
+    axes.draw_frame(title, "false positive rate", "true positive rate")
+    px, py = axes.to_pixels(np.array([0.0, 1.0]), np.array([0.0, 1.0]))
+    _dashed_line(image, (px[0], py[0]), (px[1], py[1]), _GREY)
+    px, py = axes.to_pixels(fpr, tpr)
+    points = np.stack([px, py], axis=1).round().astype(np.int32)
+    cv2.polylines(image, [points], False, _LINE, 2, cv2.LINE_AA)
+    _put_text(image, f"n = {n}   AUC = {auc:.3f}", axes.left + 8, axes.top + 18)
+    _save_png(path, image)
+    return {"n": n, "auc": auc}
+
+
+def curve_png(path: str, y, *, marks=(), title: str, xlabel: str, ylabel: str) -> dict:
+    """A line plot of `y` against its index, with vertical dashed lines at `marks`.
+
+    Args:
+      path: PNG file to write.
+      y: 1-D values (e.g. the LV area per frame).
+      marks: indices to mark (e.g. detected end-systoles).
+      title, xlabel, ylabel: ASCII labels.
+
+    Returns:
+      Dict with ``n`` (points) and ``num_marks``.
+    """
+    y = np.asarray(y, np.float64).ravel()
+    x = np.arange(y.size, dtype=np.float64)
+    image = np.full((420, 760, 3), 255, np.uint8)
+    axes = _Axes(image, (80, 50, 730, 360), x, y[np.isfinite(y)])
+    axes.draw_frame(title, xlabel, ylabel)
+    for mark in marks:
+        px, _ = axes.to_pixels(np.array([float(mark)]), np.array([0.0]))
+        _dashed_line(image, (px[0], axes.top), (px[0], axes.bottom), _LINE)
+    if y.size > 1:
+        px, py = axes.to_pixels(x, np.nan_to_num(y))
+        points = np.stack([px, py], axis=1).round().astype(np.int32)
+        cv2.polylines(image, [points], False, _POINT, 2, cv2.LINE_AA)
+    _save_png(path, image)
+    return {"n": int(y.size), "num_marks": len(marks)}

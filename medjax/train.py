@@ -52,19 +52,47 @@ def make_optimizer(
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW with linear warm-up and cosine decay, after global-norm gradient clipping.
 
+    `config.optimizer` (optional) selects SGD with momentum instead (``name="sgd"``), and a
+    step decay (``lr_step_every``, ``lr_step_gamma``) instead of the cosine.
+
     With `model.freeze_backbone_steps` > 0 (or a `model.backbone_lr_multiplier` other than 1),
     parameters outside `head_names` get no update for the first steps, then updates scaled by
     the multiplier: train the new head on a pretrained backbone first, then fine-tune.
     """
     train_cfg, model_cfg = config.train, config.model
+    opt_cfg = config.get("optimizer") or {}
+    name = opt_cfg.get("name", "adamw")
+    if name not in ("adamw", "sgd"):
+        raise ValueError(f"config.optimizer.name={name!r} is not one of 'adamw', 'sgd'.")
     warmup = min(train_cfg.warmup_steps, train_cfg.steps)
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=train_cfg.learning_rate,
-        warmup_steps=warmup,
-        decay_steps=max(train_cfg.steps, warmup + 1),
-        end_value=train_cfg.learning_rate * 0.01,
-    )
+    step_every = opt_cfg.get("lr_step_every", 0)
+    if step_every > 0:  # Step decay (EchoNet-Dynamic: x0.1 every 15 epochs).
+        decay = optax.exponential_decay(
+            train_cfg.learning_rate,
+            transition_steps=step_every,
+            decay_rate=opt_cfg.get("lr_step_gamma", 0.1),
+            staircase=True,
+        )
+        schedule = optax.join_schedules(
+            [optax.linear_schedule(0.0, train_cfg.learning_rate, warmup), decay], [warmup]
+        )
+    else:
+        schedule = optax.warmup_cosine_decay_schedule(
+            init_value=0.0,
+            peak_value=train_cfg.learning_rate,
+            warmup_steps=warmup,
+            decay_steps=max(train_cfg.steps, warmup + 1),
+            end_value=train_cfg.learning_rate * 0.01,
+        )
+
+    def base_optimizer():
+        if name == "sgd":  # PyTorch's SGD: L2 weight decay added to the gradient, momentum.
+            return optax.chain(
+                optax.add_decayed_weights(train_cfg.weight_decay),
+                optax.sgd(schedule, momentum=opt_cfg.get("momentum", 0.9)),
+            )
+        return optax.adamw(schedule, weight_decay=train_cfg.weight_decay)
+
     parts = []
     if train_cfg.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(train_cfg.grad_clip))
@@ -75,14 +103,14 @@ def make_optimizer(
 
         parts.append(
             make_finetune_optimizer(
-                lambda: optax.adamw(schedule, weight_decay=train_cfg.weight_decay),
+                base_optimizer,
                 freeze_steps=freeze_steps,
                 backbone_lr_multiplier=multiplier,
                 head_names=head_names,
             )
         )
     else:
-        parts.append(optax.adamw(schedule, weight_decay=train_cfg.weight_decay))
+        parts.append(base_optimizer())
     return optax.chain(*parts), schedule
 
 

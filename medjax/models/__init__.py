@@ -36,8 +36,22 @@ def _heatmap_resnet(**kwargs: Any) -> nn.Module:
     return HeatmapResNet(**kwargs)
 
 
+def _deeplabv3(**kwargs: Any) -> nn.Module:
+    from medjax.models.deeplabv3 import DeepLabV3
+
+    return DeepLabV3(**kwargs)
+
+
+def _r2plus1d_ef(**kwargs: Any) -> nn.Module:
+    from medjax.models.r2plus1d import EFRegressor
+
+    return EFRegressor(**kwargs)
+
+
 MODELS = {
+    "deeplabv3": _deeplabv3,
     "heatmap_resnet": _heatmap_resnet,
+    "r2plus1d_ef": _r2plus1d_ef,
     "unet": _unet,
     "resnet18": functools.partial(_resnet, 18),
     "resnet34": functools.partial(_resnet, 34),
@@ -50,7 +64,7 @@ MODELS = {
 def pretrained_name(model_config: Any) -> str:
     """The ImageNet architecture whose weights `config.model.init_from` must hold."""
     name = model_config.name
-    if name == "heatmap_resnet":
+    if name in ("heatmap_resnet", "deeplabv3"):
         return f"resnet{model_config.depth}"
     if name.startswith(("resnet", "vgg")):
         return name

@@ -43,10 +43,7 @@ def read_dicom_image(path: str) -> tuple[np.ndarray, float | None, list[str]]:
         pixels = pixels[0]
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2"))
     if pixels.ndim == 3:
-        if photometric.startswith("YBR"):
-            from pydicom.pixels import convert_color_space
-
-            pixels = convert_color_space(pixels, photometric, "RGB")
+        # pydicom's pixel_array already returns YBR colour data as RGB.
         pixels = pixels.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
     pixels = pixels.astype(np.float32)
     if photometric == "MONOCHROME1":

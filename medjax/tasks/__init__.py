@@ -20,6 +20,16 @@ def _crl(config: Any):
     return CrlSegmentation(config)
 
 
+def _echonet(config: Any):
+    if config.stage == "segment":
+        from medjax.tasks.echonet import EchonetSegmentation
+
+        return EchonetSegmentation(config)
+    from medjax.tasks.echonet import EchonetEF
+
+    return EchonetEF(config)
+
+
 # The metrics medjax.main prints after evaluation, where a task reports them.
 HEADLINE_METRICS = (
     "dice",
@@ -32,10 +42,18 @@ HEADLINE_METRICS = (
     "point_error_mm",
     "pck_5mm",
     "crl_abs_error_mm",  # keypoints
+    "mae",
+    "rmse",
+    "r2",
+    "auc_hfref",  # EF regression
+    "dice_overall",
+    "dice_ed",
+    "dice_es",  # LV segmentation
 )
 
 TASKS = {
     "crl": _crl,
+    "echonet": _echonet,
 }
 
 

@@ -86,3 +86,8 @@ class Task(abc.ABC):
     def write_report(self, out_dir: str, samples: list[tuple[dict, dict, dict]]) -> list[str]:
         """Writes pictures of (example, host fields, prediction) samples; returns the paths."""
         return []
+
+    def write_evaluation(self, out_dir: str, split: str, gathered: Mapping[str, np.ndarray]):
+        """Writes files made from all of a split's gathered per-example values (prediction
+        tables, plots over the whole split); returns the paths. Default: none."""
+        return []

@@ -11,38 +11,20 @@ with the truth (mean, SD, Bland-Altman plots), next to each stage's own metrics.
 
 from __future__ import annotations
 
-import json
 import os
 
 import cv2
 import jax
-import ml_collections
 import numpy as np
 from absl import logging
 
-from medjax import checkpoint as ckpt_lib
 from medjax import evaluate as eval_lib
-from medjax import parallel, plots, tasks, writers
+from medjax import plots, writers
 from medjax.clinical import crl as clinical
 from medjax.input import augment as aug
+from medjax.tasks.stages import MissingStageError, load_stage  # noqa: F401 (re-exported)
 
 STAGES = ("segment", "quality", "keypoints")
-
-
-class MissingStageError(FileNotFoundError):
-    """A stage of the chain has no checkpoint in the experiment directory."""
-
-
-def stage_config(workdir: str, stage: str) -> ml_collections.ConfigDict:
-    """The config a stage was trained with (DIR/<stage>/config.json)."""
-    path = os.path.join(workdir, stage, "config.json")
-    if not os.path.exists(path):
-        raise MissingStageError(
-            f"No trained {stage!r} stage in {workdir} ({path} is missing). Train it with: "
-            f"python -m medjax.main --config=configs/crl.py:stage={stage} --workdir={workdir}"
-        )
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
 
 
 class CrlChain:
@@ -55,28 +37,17 @@ class CrlChain:
     """
 
     def __init__(self, workdir: str, checkpoint: str = "best", overrides=None):
-        self.stages = {}
-        for stage in STAGES:
-            config = stage_config(workdir, stage)
-            if overrides is not None:
-                overrides(config)
-            checkpointer = ckpt_lib.Checkpointer(
-                os.path.join(workdir, stage, "checkpoints"),
-                best_metric=config.train.best_metric,
-                best_mode=config.train.best_mode,
-                read_only=True,
+        self.stages = {
+            stage: load_stage(
+                workdir,
+                stage,
+                config_file="configs/crl.py",
+                variant=f"stage={stage}",
+                checkpoint=checkpoint,
+                overrides=overrides,
             )
-            if not checkpointer.all_steps():
-                raise MissingStageError(
-                    f"The {stage!r} stage in {workdir} has no checkpoint. Train it with: "
-                    f"python -m medjax.main --config=configs/crl.py:stage={stage} "
-                    f"--workdir={workdir}"
-                )
-            step = checkpointer.resolve(checkpoint)
-            state = checkpointer.restore_arrays(step, parallel.replicated(parallel.make_mesh()))
-            task = tasks.get_task(config)
-            self.stages[stage] = (config, task, eval_lib.model_variables(state), step)
-            logging.info("Loaded CRL stage %s from step %d", stage, step)
+            for stage in STAGES
+        }
         self._predict = {
             stage: jax.jit(task.predict) for stage, (_, task, _, _) in self.stages.items()
         }
