@@ -114,6 +114,7 @@ def evaluate_checkpoint(
     """
     mesh = parallel.make_mesh()
     task = tasks.get_task(config)
+    task.load_artifacts(workdir)
     checkpointer = ckpt_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"),
         best_metric=config.train.best_metric,

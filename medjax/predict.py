@@ -1,7 +1,11 @@
-"""Chained CRL inference on your own images: segment -> quality -> keypoints -> CRL -> GA.
+"""Inference on your own files with a trained experiment directory.
 
+CRL images (segment -> quality -> keypoints -> CRL -> GA):
   python -m medjax.predict --config=configs/crl.py --workdir=runs/crl scan.dcm scan2.png \
       [--pixel_spacing_mm=0.25] [--out=runs/crl/predict] [--checkpoint=best]
+Echo videos (AVI, or multi-frame echo DICOM): EF over all clips, LV area per frame, beats and
+beat-to-beat EF; writes <name>.json, <name>_area.png and <name>_overlay.avi:
+  python -m medjax.predict --config=configs/echonet.py --workdir=runs/echonet video.avi
 
 Loads the best checkpoint of each stage trained in --workdir and writes, per image,
 `<out>/<name>.json` (quality verdict and P(bad), crown and rump points in image pixels, CRL in
@@ -83,13 +87,24 @@ def _define_flags():
 def main(argv):
     paths = argv[1:]
     if not paths:
-        raise app.UsageError("Name at least one image file (PNG, JPEG or DICOM).")
+        raise app.UsageError("Name at least one file (image, echo video AVI, or DICOM).")
     writers.quiet_library_logs()
     parallel.maybe_initialize_distributed()
     f = flags.FLAGS
-    if f.config.task != "crl":
-        raise app.UsageError(f"medjax.predict serves the crl task, not {f.config.task!r}.")
     out = f.out or os.path.join(f.workdir, "predict")
+    if f.config.task == "echonet":
+        from medjax.tasks import echonet_chain
+
+        for report in echonet_chain.predict_video_files(
+            f.workdir, paths, out, checkpoint=f.checkpoint
+        ):
+            print(f"{report['file']}: {echonet_chain.summary(report)}")
+            for warning in report["warnings"]:
+                print(f"  warning: {warning}")
+        print(f"Reports, area curves and overlay videos in {out}")
+        return
+    if f.config.task != "crl":
+        raise app.UsageError(f"medjax.predict serves crl and echonet, not {f.config.task!r}.")
     for report in predict_files(
         f.workdir, paths, out, checkpoint=f.checkpoint, pixel_spacing_mm=f.pixel_spacing_mm
     ):

@@ -281,6 +281,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if jax.process_index() == 0:
         _write_config(config, workdir)
     task = tasks.get_task(config)
+    if jax.process_index() == 0:
+        task.save_artifacts(workdir)
     writer = writers.MetricWriter(workdir)
     checkpointer = ckpt_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"),

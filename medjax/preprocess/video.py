@@ -1,4 +1,4 @@
-"""OpenCV video reading and writing shared by the dataset builders and by inference on a user's file.
+"""OpenCV video reading and writing, shared by dataset builders and inference on a user's file.
 
 `read_video_gray` decodes a whole video file (AVI, MP4, ... whatever the OpenCV build's FFmpeg
 backend reads) into a (T, H, W) uint8 grayscale array; `write_video_gray` writes such an array

@@ -81,4 +81,8 @@ def end_to_end_evaluator(config: Any):
         from medjax.tasks.crl_chain import evaluate_end_to_end
 
         return evaluate_end_to_end
-    raise ValueError(f"Task {config.task!r} has no end-to-end evaluation (only crl does).")
+    if config.task == "echonet":
+        from medjax.tasks.echonet_chain import evaluate_beat_to_beat
+
+        return evaluate_beat_to_beat
+    raise ValueError(f"Task {config.task!r} has no end-to-end evaluation (crl, echonet do).")

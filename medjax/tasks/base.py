@@ -82,6 +82,14 @@ class Task(abc.ABC):
     def num_examples(self, split: str) -> int:
         """Number of examples in a split."""
 
+    # ------------------------------------------------------------------ run artifacts
+    def save_artifacts(self, run_dir: str) -> None:
+        """Writes what inference needs besides the weights and config (e.g. input statistics
+        measured on the training data) into the run directory. Default: nothing."""
+
+    def load_artifacts(self, run_dir: str) -> None:
+        """Reads what `save_artifacts` wrote, so inference needs no training data."""
+
     # ------------------------------------------------------------------ reports
     def write_report(self, out_dir: str, samples: list[tuple[dict, dict, dict]]) -> list[str]:
         """Writes pictures of (example, host fields, prediction) samples; returns the paths."""

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medjax import data as data_lib
-from medjax import models, parallel, plots
+from medjax import models, parallel, plots, writers
 from medjax.input import clips as clip_lib
 from medjax.input import pipeline
 from medjax.tasks.base import Task
@@ -87,13 +87,6 @@ class _TracedFrames:
 
     def __repr__(self) -> str:
         return f"_TracedFrames({len(self)} frames of {len(self.source)} videos)"
-
-
-def _write_json_atomic(path: str, payload: Any) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(payload, f)
-    os.replace(tmp, path)
 
 
 class EchonetData:
@@ -155,7 +148,7 @@ class EchonetData:
                     splits[split] = entry
                 self._index = splits
                 if jax.process_index() == 0:
-                    _write_json_atomic(path, {"version": INDEX_VERSION, "splits": splits})
+                    writers.write_json(path, {"version": INDEX_VERSION, "splits": splits})
         return self._index
 
     def labelled(self, split: str) -> list[int]:
@@ -165,14 +158,30 @@ class EchonetData:
     def traced(self, split: str) -> list[int]:
         return [i for i, traced in enumerate(self.index()[split]["traced"]) if traced]
 
+    _stats: dict | None = None
+    STATS_FILE = "train_stats.json"
+
+    def save_artifacts(self, run_dir):
+        writers.write_json(os.path.join(run_dir, self.STATS_FILE), self.train_stats())
+
+    def load_artifacts(self, run_dir):
+        path = os.path.join(run_dir, self.STATS_FILE)
+        if os.path.isfile(path):
+            with open(path) as f:
+                self._stats = json.load(f)
+
     def train_stats(self) -> dict:
         """Per-channel pixel mean / std (0-255 scale) over sampled training videos, and the
-        training mean EF; computed once, then read from the cache next to the dataset."""
+        training mean EF; computed once, then read from the cache next to the dataset. A run
+        keeps its own copy (`save_artifacts`), which evaluation and inference use."""
+        if self._stats is not None:
+            return self._stats
         cfg = self.config.data
         path = self._cache_path(f"stats_{cfg.stats_videos}")
         if os.path.isfile(path):
             with open(path) as f:
-                return json.load(f)
+                self._stats = json.load(f)
+            return self._stats
         labelled = self.labelled("train")
         if not labelled:
             raise ValueError("The training split has no video with an EF: nothing to train on.")
@@ -193,7 +202,8 @@ class EchonetData:
             "mean_ef": float(efs.mean()),
         }
         if jax.process_index() == 0:
-            _write_json_atomic(path, stats)
+            writers.write_json(path, stats)
+        self._stats = stats
         return stats
 
     def num_examples(self, split):

@@ -78,5 +78,6 @@ def load_stage(
     step = checkpointer.resolve(checkpoint)
     state = checkpointer.restore_arrays(step, parallel.replicated(parallel.make_mesh()))
     task = tasks.get_task(config)
+    task.load_artifacts(os.path.join(workdir, stage))
     logging.info("Loaded stage %s from step %d of %s", stage, step, workdir)
     return config, task, eval_lib.model_variables(state), step
