@@ -24,6 +24,7 @@ import ml_collections
 from medjax import config_lib
 
 STAGES = ("ef", "segment")
+STAGE_VARIANT = "task"  # The variant that picks the stage: configs/echonet.py:task=segment.
 
 
 def get_config(arg=None):

@@ -65,7 +65,9 @@ class MetricWriter:
         self._active = jax.process_index() == 0
         self._tb = None
         if self._active:
-            from tensorboardX import SummaryWriter  # Imported lazily: slow import, process 0 only.
+            from tensorboardX import (
+                SummaryWriter,  # Imported lazily: slow import, process 0 only.
+            )
 
             os.makedirs(workdir, exist_ok=True)
             self._tb = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))

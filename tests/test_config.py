@@ -18,7 +18,7 @@ def test_there_are_configs():
 
 
 def _smoke_variants():
-    """(config file, variant) pairs: `smoke`, and `stage=X,smoke` for each stage a file has."""
+    """(config file, variant) pairs: `smoke`, or `stage=X,smoke` for each stage a file has."""
     import importlib.util
 
     pairs = []
@@ -27,7 +27,8 @@ def _smoke_variants():
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         stages = getattr(module, "STAGES", None)
-        pairs += [(path, f"stage={s},smoke") for s in stages] if stages else [(path, "smoke")]
+        key = getattr(module, "STAGE_VARIANT", "stage")  # configs/echonet.py: task=segment.
+        pairs += [(path, f"{key}={s},smoke") for s in stages] if stages else [(path, "smoke")]
     return pairs
 
 

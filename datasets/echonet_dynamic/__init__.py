@@ -4,7 +4,10 @@
 a synthetic dataset in that same layout whose EF follows from the drawn ventricle.
 """
 
-from medjax_datasets.echonet_dynamic.echonet_dynamic import EchonetDataError, EchonetDynamic
+from medjax_datasets.echonet_dynamic.echonet_dynamic import (
+    EchonetDataError,
+    EchonetDynamic,
+)
 from medjax_datasets.echonet_dynamic.synthetic import synthesize
 
 __all__ = ["EchonetDataError", "EchonetDynamic", "synthesize"]

@@ -141,7 +141,11 @@ class EchonetChain:
 def area_curve_png(path: str, result: dict, title: str) -> None:
     marks = [b["end_systole_frame"] for b in result["beats"]]
     plots.curve_png(
-        path, result["areas"], marks=marks, title=title, xlabel="frame",
+        path,
+        result["areas"],
+        marks=marks,
+        title=title,
+        xlabel="frame",
         ylabel="LV area (pixels)",
     )
 
@@ -188,8 +192,9 @@ def evaluate_beat_to_beat(
                 os.path.join(out_dir, f"area_{name}.png"), result, f"{name}: LV area, beats"
             )
     truth = np.array([r[1] for r in rows])
-    beat = np.array([np.nan if r[2]["ef_beat_to_beat"] is None else r[2]["ef_beat_to_beat"]
-                     for r in rows])
+    beat = np.array(
+        [np.nan if r[2]["ef_beat_to_beat"] is None else r[2]["ef_beat_to_beat"] for r in rows]
+    )
     all_clips = np.array([r[2]["ef_all_clips"] for r in rows])
     e = chain.stages["ef"][0].eval
     found = np.isfinite(beat)
@@ -200,7 +205,10 @@ def evaluate_beat_to_beat(
         "beats_per_video_mean": float(np.mean([len(r[2]["beats"]) for r in rows])),
         "stage_steps": {s: int(v[3]) for s, v in chain.stages.items()},
     }
-    for prefix, pred in (("beat_to_beat", np.where(found, beat, all_clips)), ("all_clips", all_clips)):
+    for prefix, pred in (
+        ("beat_to_beat", np.where(found, beat, all_clips)),
+        ("all_clips", all_clips),
+    ):
         metrics = echonet.ef_metrics(
             truth, pred, threshold=e.hfref_threshold, samples=e.bootstrap_samples
         )
