@@ -170,7 +170,8 @@ def _define_flags():
         "end_to_end",
         False,
         "Evaluate the task's chained stages together "
-        "(crl: segment -> quality -> keypoints -> CRL, GA) into <workdir>/eval.",
+        "(crl: segment -> quality -> keypoints -> CRL, GA; echonet: LV areas -> beats -> "
+        "beat-to-beat EF) into <workdir>/eval.",
     )
     flags.mark_flags_as_required(["config", "workdir"])
 

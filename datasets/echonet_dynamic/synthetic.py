@@ -47,6 +47,10 @@ import os
 
 import cv2
 import numpy as np
+from medjax_datasets.echonet_dynamic.echonet_dynamic import (
+    FILE_LIST_COLUMNS,
+    TRACING_COLUMNS,
+)
 
 from medjax.preprocess.video import write_video_gray
 
@@ -61,18 +65,6 @@ REDUCED_EF_SHARE = 0.35  # Share of videos with a target EF below 50.
 ED_FIRST_SHARE = 0.1  # Share of videos whose tracings list ED before ES.
 SPLIT_SHARES = {"VAL": 0.125, "TEST": 0.125}  # The rest is TRAIN.
 COORDINATE_DECIMALS = 4
-FILE_LIST_COLUMNS = (
-    "FileName",
-    "EF",
-    "ESV",
-    "EDV",
-    "FrameHeight",
-    "FrameWidth",
-    "FPS",
-    "NumberOfFrames",
-    "Split",
-)
-TRACING_COLUMNS = ("FileName", "X1", "Y1", "X2", "Y2", "Frame")
 
 # Echogenicity (mean scatterer amplitude) of the structures.
 TISSUE_ECHO = 0.3

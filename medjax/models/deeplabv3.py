@@ -25,23 +25,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medjax.models.resnet import ResNet
+from medjax.models.resnet import ResNet, batch_norm
 
 __all__ = ["DeepLabV3", "ASPP", "DEFAULT_RATES"]
 
 DEFAULT_RATES = {8: (12, 24, 36), 16: (6, 12, 18)}
 _DILATION = {8: (False, True, True), 16: (False, False, True)}
-
-
-def _bn(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
-    return nn.BatchNorm(
-        use_running_average=not train,
-        momentum=0.9,
-        epsilon=1e-5,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        name=name,
-    )
 
 
 def _conv(features: int, kernel: int, dilation: int, dtype: Any, name: str) -> nn.Conv:
@@ -70,21 +59,21 @@ class ASPP(nn.Module):
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
         branches = [
             nn.relu(
-                _bn(train, self.dtype, "b0_bn")(
+                batch_norm(train, self.dtype, "b0_bn")(
                     _conv(self.channels, 1, 1, self.dtype, "b0_conv")(x)
                 )
             )
         ]
         for i, rate in enumerate(self.rates, start=1):
             y = _conv(self.channels, 3, rate, self.dtype, f"b{i}_conv")(x)
-            branches.append(nn.relu(_bn(train, self.dtype, f"b{i}_bn")(y)))
+            branches.append(nn.relu(batch_norm(train, self.dtype, f"b{i}_bn")(y)))
         pooled = jnp.mean(x, axis=(1, 2), keepdims=True)
         pooled = _conv(self.channels, 1, 1, self.dtype, "pool_conv")(pooled)
-        pooled = nn.relu(_bn(train, self.dtype, "pool_bn")(pooled))
+        pooled = nn.relu(batch_norm(train, self.dtype, "pool_bn")(pooled))
         branches.append(jnp.broadcast_to(pooled, x.shape[:3] + (self.channels,)))
         y = jnp.concatenate(branches, axis=-1)
         y = nn.relu(
-            _bn(train, self.dtype, "project_bn")(
+            batch_norm(train, self.dtype, "project_bn")(
                 _conv(self.channels, 1, 1, self.dtype, "project_conv")(y)
             )
         )
@@ -131,7 +120,7 @@ class DeepLabV3(nn.Module):
             features, train=train
         )
         y = _conv(self.aspp_channels, 3, 1, self.dtype, "head_conv")(y)
-        y = nn.relu(_bn(train, self.dtype, "head_bn")(y))
+        y = nn.relu(batch_norm(train, self.dtype, "head_bn")(y))
         logits = nn.Conv(
             self.num_classes, (1, 1), dtype=jnp.float32, param_dtype=jnp.float32, name="classifier"
         )(y.astype(jnp.float32))

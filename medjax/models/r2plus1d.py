@@ -27,6 +27,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from medjax.models.resnet import batch_norm
+
 __all__ = ["R2Plus1D", "EFRegressor", "STAGE_SIZES", "midplanes"]
 
 STAGE_SIZES = {10: (1, 1, 1, 1), 18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
@@ -36,17 +38,6 @@ _CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 def midplanes(in_planes: int, out_planes: int) -> int:
     """Width between the spatial and temporal convs of a factorised 3x3x3 convolution."""
     return (in_planes * out_planes * 3 * 3 * 3) // (in_planes * 3 * 3 + 3 * out_planes)
-
-
-def _batch_norm(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
-    return nn.BatchNorm(
-        use_running_average=not train,
-        momentum=0.9,
-        epsilon=1e-5,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        name=name,
-    )
 
 
 def _conv3d(
@@ -78,7 +69,7 @@ class Conv2Plus1D(nn.Module):
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
         s = self.stride
         x = _conv3d(self.mid_features, (1, 3, 3), (1, s, s), self.dtype, "spatial")(x)
-        x = nn.relu(_batch_norm(train, self.dtype, "spatial_bn")(x))
+        x = nn.relu(batch_norm(train, self.dtype, "spatial_bn")(x))
         return _conv3d(self.features, (3, 1, 1), (s, 1, 1), self.dtype, "temporal")(x)
 
 
@@ -95,16 +86,16 @@ class BasicBlock3D(nn.Module):
         # As torchvision: one intermediate width, from the block's input, for both convs.
         mid = midplanes(in_planes, self.features)
         y = Conv2Plus1D(self.features, mid, self.stride, self.dtype, name="conv1")(x, train=train)
-        y = nn.relu(_batch_norm(train, self.dtype, "bn1")(y))
+        y = nn.relu(batch_norm(train, self.dtype, "bn1")(y))
         y = Conv2Plus1D(self.features, mid, 1, self.dtype, name="conv2")(y, train=train)
-        y = _batch_norm(train, self.dtype, "bn2")(y)
+        y = batch_norm(train, self.dtype, "bn2")(y)
         shortcut = x
         if self.stride != 1 or in_planes != self.features:
             s = self.stride
             shortcut = _conv3d(self.features, (1, 1, 1), (s, s, s), self.dtype, "downsample_conv")(
                 x
             )
-            shortcut = _batch_norm(train, self.dtype, "downsample_bn")(shortcut)
+            shortcut = batch_norm(train, self.dtype, "downsample_bn")(shortcut)
         return nn.relu(y + shortcut)
 
 
@@ -141,9 +132,9 @@ class R2Plus1D(nn.Module):
         stem_width = self.stem_width or max(1, round(45 * self.width / 64))
         x = x.astype(self.dtype)
         x = _conv3d(stem_width, (1, 7, 7), (1, 2, 2), self.dtype, "stem_conv1")(x)
-        x = nn.relu(_batch_norm(train, self.dtype, "stem_bn1")(x))
+        x = nn.relu(batch_norm(train, self.dtype, "stem_bn1")(x))
         x = _conv3d(self.width, (3, 1, 1), (1, 1, 1), self.dtype, "stem_conv2")(x)
-        x = nn.relu(_batch_norm(train, self.dtype, "stem_bn2")(x))
+        x = nn.relu(batch_norm(train, self.dtype, "stem_bn2")(x))
         for stage, num_blocks in enumerate(STAGE_SIZES[self.depth]):
             for index in range(num_blocks):
                 x = BasicBlock3D(

@@ -39,7 +39,15 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-__all__ = ["BasicBlock", "Bottleneck", "ResNet", "ResNetClassifier", "FEATURE_KEYS", "NORMS"]
+__all__ = [
+    "BasicBlock",
+    "Bottleneck",
+    "ResNet",
+    "ResNetClassifier",
+    "batch_norm",
+    "FEATURE_KEYS",
+    "NORMS",
+]
 
 NORMS = ("batch", "group", "none")
 STAGE_SIZES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3)}
@@ -64,6 +72,19 @@ def _check_norm(norm: str) -> None:
         raise ValueError(f"Unknown norm {norm!r}; expected one of {NORMS}")
 
 
+def batch_norm(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
+    """BatchNorm with PyTorch's defaults (momentum 0.1, i.e. 0.9 here; eps 1e-5), float32
+    statistics and parameters, so torchvision weights and running statistics carry over."""
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=0.9,
+        epsilon=1e-5,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
+
+
 def _make_norm(norm: str, features: int, train: bool, dtype: Any, name: str) -> Callable:
     """Builds the normalisation layer that follows a convolution.
 
@@ -78,15 +99,7 @@ def _make_norm(norm: str, features: int, train: bool, dtype: Any, name: str) -> 
       A callable taking and returning an NHWC array.
     """
     if norm == "batch":
-        # PyTorch's BatchNorm2d defaults: momentum 0.1 (0.9 here), eps 1e-5.
-        return nn.BatchNorm(
-            use_running_average=not train,
-            momentum=0.9,
-            epsilon=1e-5,
-            dtype=dtype,
-            param_dtype=jnp.float32,
-            name=name,
-        )
+        return batch_norm(train, dtype, name)
     if norm == "group":
         return nn.GroupNorm(
             num_groups=math.gcd(features, _MAX_GROUPS),

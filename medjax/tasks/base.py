@@ -21,6 +21,18 @@ Batch = Mapping[str, Any]
 Variables = Mapping[str, Any]
 
 
+def apply_model(model: nn.Module, variables: Variables, inputs, *, train: bool, rng=None):
+    """Applies `model`; returns (outputs, updated mutable state).
+
+    In training, batch statistics (when the model has them) are updated and returned, and
+    `rng` (when given) drives dropout; otherwise the state is an empty dict.
+    """
+    mutable = ["batch_stats"] if (train and "batch_stats" in variables) else False
+    rngs = {"dropout": rng} if rng is not None else None
+    out = model.apply(variables, inputs, train=train, mutable=mutable, rngs=rngs)
+    return out if mutable else (out, {})
+
+
 class Task(abc.ABC):
     """Base class of all tasks. Subclasses set `model` in __init__."""
 

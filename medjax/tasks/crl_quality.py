@@ -22,7 +22,7 @@ import optax
 from medjax import metrics, models
 from medjax.input import augment as aug
 from medjax.input import mask_degrade
-from medjax.tasks.base import Task
+from medjax.tasks.base import Task, apply_model
 from medjax.tasks.crl import CrlData, masked_image
 
 
@@ -88,12 +88,7 @@ class CrlQuality(CrlData, Task):
         return batch["image"].astype(jnp.float32) / 255.0
 
     def _logits(self, variables, batch, train, rng=None):
-        mutable = ["batch_stats"] if (train and "batch_stats" in variables) else False
-        rngs = {"dropout": rng} if rng is not None else None
-        out = self.model.apply(
-            variables, self.model_inputs(batch), train=train, mutable=mutable, rngs=rngs
-        )
-        return out if mutable else (out, {})
+        return apply_model(self.model, variables, self.model_inputs(batch), train=train, rng=rng)
 
     def loss(self, variables, batch, rng):
         logits, model_state = self._logits(variables, batch, True, rng)

@@ -40,7 +40,7 @@ from medjax import data as data_lib
 from medjax import models, parallel, plots, writers
 from medjax.input import clips as clip_lib
 from medjax.input import pipeline
-from medjax.tasks.base import Task
+from medjax.tasks.base import Task, apply_model
 from medjax.tasks.segmentation import SegmentationTask
 
 INDEX_VERSION = 1
@@ -364,12 +364,7 @@ class EchonetEF(EchonetData, Task):
         return (batch["clip"].astype(jnp.float32) - mean) / std
 
     def _apply(self, variables, batch, train: bool, rng=None):
-        mutable = ["batch_stats"] if (train and "batch_stats" in variables) else False
-        rngs = {"dropout": rng} if rng is not None else None
-        out = self.model.apply(
-            variables, self.model_inputs(batch), train=train, mutable=mutable, rngs=rngs
-        )
-        return out if mutable else (out, {})
+        return apply_model(self.model, variables, self.model_inputs(batch), train=train, rng=rng)
 
     def loss(self, variables, batch, rng):
         pred, model_state = self._apply(variables, batch, train=True, rng=rng)
@@ -558,26 +553,6 @@ class EchonetSegmentation(EchonetData, SegmentationTask):
             "image": np.zeros((batch_size, size, size, 1), np.uint8),
             "mask": np.zeros((batch_size, size, size, 1), np.uint8),
         }
-
-    def _apply(self, variables, batch, train: bool, rng=None):
-        mutable = ["batch_stats"] if (train and "batch_stats" in variables) else False
-        rngs = {"dropout": rng} if rng is not None else None
-        out = self.model.apply(
-            variables, self.model_inputs(batch), train=train, mutable=mutable, rngs=rngs
-        )
-        return out if mutable else (out, {})
-
-    def loss(self, variables, batch, rng):
-        from medjax import losses, metrics
-
-        logits, model_state = self._apply(variables, batch, train=True, rng=rng)
-        target = batch["mask"].astype(jnp.float32)
-        cfg = self.config.loss
-        loss = losses.dice_bce_loss(
-            logits, target, dice_weight=cfg.dice_weight, bce_weight=cfg.bce_weight
-        )
-        dice = jnp.nanmean(metrics.dice_score(logits > 0, target))
-        return loss, ({"train_dice": dice}, dict(model_state))
 
     def eval_step(self, variables, batch):
         out = super().eval_step(variables, batch)

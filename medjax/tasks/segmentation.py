@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medjax import losses, metrics
-from medjax.tasks.base import Batch, Task, Variables
+from medjax.tasks.base import Batch, Task, Variables, apply_model
 
 
 def normalize_image(image_uint8: jax.Array) -> jax.Array:
@@ -29,16 +29,11 @@ class SegmentationTask(Task):
     def model_inputs(self, batch: Batch) -> jax.Array:
         return normalize_image(batch["image"])
 
-    def _apply(self, variables: Variables, batch: Batch, train: bool):
-        mutable = ["batch_stats"] if (train and "batch_stats" in variables) else False
-        out = self.model.apply(variables, self.model_inputs(batch), train=train, mutable=mutable)
-        if mutable:
-            return out
-        return out, {}
+    def _apply(self, variables: Variables, batch: Batch, train: bool, rng=None):
+        return apply_model(self.model, variables, self.model_inputs(batch), train=train, rng=rng)
 
     def loss(self, variables, batch, rng):
-        del rng  # The U-Net has no dropout.
-        logits, model_state = self._apply(variables, batch, train=True)
+        logits, model_state = self._apply(variables, batch, train=True, rng=rng)
         target = batch["mask"].astype(jnp.float32)
         cfg = self.config.loss
         loss = losses.dice_bce_loss(
