@@ -51,6 +51,7 @@ def get_config(arg=None):
     config.data.pad = 4  # Training augmentation: zero-pad by this much, random crop back.
     config.data.num_workers = 0
     config.data.stats_videos = 128  # Train videos sampled for the per-channel mean / std.
+    config.data.channels = 1  # Model input channels: gray, or repeated to 3 as EchoNet does.
 
     config.model = ml_collections.ConfigDict()
     config.model.init_from = ""
@@ -118,6 +119,7 @@ def get_config(arg=None):
         config.data.clip_length = 32
         config.data.clip_period = 2
         config.data.pad = 12
+        config.data.channels = 3
         config.eval.clip_stride = 1
         if stage == "ef":
             config.model.depth = 18

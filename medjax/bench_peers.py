@@ -14,7 +14,11 @@ What differs inside the step:
 - network: MONAI uses instance norm, LeakyReLU, biased convolutions and a 32-channel last
   up-sampling; medjax batch norm (running statistics updated), ReLU, bias-free convolutions
   and a 16-channel one. Parameters: 1.948M vs 1.942M.
-R(2+1)D (peer_r2plus1d.py) is skipped: medjax has no R(2+1)D model yet.
+R(2+1)D-18: torchvision's r2plus1d_18 with EchoNet-Dynamic's one-output head and optimiser
+(peer_r2plus1d.py: MSE, SGD lr 1e-4 momentum 0.9 weight decay 1e-4) against medjax's EF
+regressor in `configs/echonet.py:paper` (the same network, 31.30M parameters; MSE; SGD with the
+same settings), one training step on 2 clips of 32x112x112x3 (medjax repeats its gray frames to
+3 channels, as EchoNet feeds its AVIs), --r2plus1d_steps timed steps.
 
 Threads: both processes are pinned to the same --threads CPUs (sched_setaffinity). The peer
 also calls torch.set_num_threads(--threads); XLA's CPU client sizes its thread pool to the
@@ -41,7 +45,10 @@ from medjax import writers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+_MODELS = flags.DEFINE_list("models", ["unet", "r2plus1d"], "Which comparisons to run.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Alternating rounds (one run of each side each).")
+_R21_STEPS = flags.DEFINE_integer("r2plus1d_steps", 3, "Timed R(2+1)D steps per run.")
+_R21_BATCH = flags.DEFINE_integer("r2plus1d_batch", 2, "Clips per R(2+1)D step.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per run.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps per run.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Images per step.")
@@ -111,6 +118,67 @@ def medjax_unet_step_s(cpus: list[int]) -> float:
             return float(json.load(f)[0]["step_time_median_s"])
 
 
+def peer_r2plus1d_step_s(cpus: list[int]) -> float:
+    """Median step seconds of one run of torchvision's r2plus1d_18 (EchoNet's head, SGD)."""
+    script = os.path.join(_PEERS_DIR.value, "peer_r2plus1d.py")
+    out = _run(
+        [
+            _PEERS_PYTHON.value, script, f"--batch={_R21_BATCH.value}", "--frames=32",
+            f"--steps={_R21_STEPS.value}", "--warmup=1", f"--threads={_THREADS.value}",
+        ],
+        cpus,
+    )
+    record = json.loads(out.strip().splitlines()[-1])
+    return float(record["step_s_median"])
+
+
+def medjax_r2plus1d_step_s(cpus: list[int]) -> float:
+    """Median step seconds of medjax.benchmark on the EchoNet paper's EF regressor."""
+    with tempfile.TemporaryDirectory(prefix="medjax-peers-") as tmp:
+        out = os.path.join(tmp, "benchmark.json")
+        command = [
+            sys.executable, "-m", "medjax.benchmark", "--config=configs/echonet.py:paper",
+            "--devices=1", f"--batch_per_device={_R21_BATCH.value}",
+            f"--steps={_R21_STEPS.value}", "--warmup=1", f"--out={out}",
+        ]
+        _run(command, cpus, env={"XLA_FLAGS": _XLA_FLAGS.value, "JAX_PLATFORMS": "cpu"})
+        with open(out) as f:
+            return float(json.load(f)[0]["step_time_median_s"])
+
+
+COMPARISONS = {
+    "unet": (peer_unet_step_s, medjax_unet_step_s),
+    "r2plus1d": (peer_r2plus1d_step_s, medjax_r2plus1d_step_s),
+}
+
+
+def compare(name: str, cpus: list[int]) -> dict:
+    """Alternating rounds of the peer and medjax; per-round times and the median ratio."""
+    peer, medjax = COMPARISONS[name]
+    sides = {"peer": peer, "medjax": medjax}
+    rounds = []
+    print(f"{name}: {'round':>5}  {'first':>6}  {'peer s':>8}  {'medjax s':>8}  {'medjax/peer':>11}")
+    for r in range(_ROUNDS.value):
+        order = ("peer", "medjax") if r % 2 == 0 else ("medjax", "peer")
+        times = {side: sides[side](cpus) for side in order}
+        ratio = times["medjax"] / times["peer"]
+        rounds.append({"first": order[0], **times, "medjax_over_peer": ratio})
+        print(f"{name}: {r + 1:>5}  {order[0]:>6}  {times['peer']:8.3f}  {times['medjax']:8.3f}  "
+              f"{ratio:11.2f}")
+    summary = {
+        key: statistics.median(r[key] for r in rounds)
+        for key in ("peer", "medjax", "medjax_over_peer")
+    }
+    print(f"{name}: {'median':>5}  {'':>6}  {summary['peer']:8.3f}  {summary['medjax']:8.3f}  "
+          f"{summary['medjax_over_peer']:11.2f}")
+    return {
+        "rounds": rounds,
+        "median_step_s": {"peer": summary["peer"], "medjax": summary["medjax"]},
+        "median_medjax_over_peer": summary["medjax_over_peer"],
+        "peer_speedup_factor": 1.0 / summary["medjax_over_peer"],
+    }
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
@@ -118,39 +186,37 @@ def main(argv):
         raise app.UsageError(
             f"{_PEERS_PYTHON.value} is missing: run `bash ../shared/bench/peers_setup.sh` first."
         )
+    unknown = [m for m in _MODELS.value if m not in COMPARISONS]
+    if unknown:
+        raise app.UsageError(f"Unknown --models {unknown}; known: {', '.join(COMPARISONS)}.")
     cpus = pinned_cpus(_THREADS.value)
-    print(f"U-Net, batch {_BATCH.value} of {_SIZE.value}x{_SIZE.value}x1, CPUs {cpus}, "
-          f"medjax loss {_LOSS.value}; R(2+1)D skipped: medjax has no R(2+1)D model yet.")
-    sides = {"peer": peer_unet_step_s, "medjax": medjax_unet_step_s}
-    rounds = []
-    print(f"{'round':>5}  {'first':>6}  {'MONAI s':>8}  {'medjax s':>8}  {'medjax/MONAI':>12}")
-    for r in range(_ROUNDS.value):
-        order = ("peer", "medjax") if r % 2 == 0 else ("medjax", "peer")
-        times = {side: sides[side](cpus) for side in order}
-        ratio = times["medjax"] / times["peer"]
-        rounds.append({"first": order[0], **times, "medjax_over_peer": ratio})
-        print(f"{r + 1:>5}  {order[0]:>6}  {times['peer']:8.3f}  {times['medjax']:8.3f}  "
-              f"{ratio:12.2f}")
-    summary = {
-        name: statistics.median(r[name] for r in rounds)
-        for name in ("peer", "medjax", "medjax_over_peer")
-    }
-    print(f"{'median':>5}  {'':>6}  {summary['peer']:8.3f}  {summary['medjax']:8.3f}  "
-          f"{summary['medjax_over_peer']:12.2f}")
     result = {
-        "peer": "monai.BasicUNet2d(16,32,64,128,256,16), BCE + Adam",
-        "medjax": f"UNet(width=16, depth=4), {_LOSS.value} + clipped AdamW",
-        "batch": _BATCH.value,
-        "size": _SIZE.value,
-        "steps": _STEPS.value,
-        "warmup": _WARMUP.value,
         "cpus": cpus,
+        "threads": _THREADS.value,
         "xla_flags": _XLA_FLAGS.value,
-        "rounds": rounds,
-        "median_step_s": {"peer": summary["peer"], "medjax": summary["medjax"]},
-        "median_medjax_over_peer": summary["medjax_over_peer"],
-        "skipped": {"r2plus1d": "medjax has no R(2+1)D model yet"},
+        "rounds": _ROUNDS.value,
     }
+    if "unet" in _MODELS.value:
+        print(f"U-Net, batch {_BATCH.value} of {_SIZE.value}x{_SIZE.value}x1, CPUs {cpus}, "
+              f"medjax loss {_LOSS.value}.")
+        result["unet"] = {
+            "peer": "monai.BasicUNet2d(16,32,64,128,256,16), BCE + Adam",
+            "medjax": f"UNet(width=16, depth=4), {_LOSS.value} + clipped AdamW",
+            "batch": _BATCH.value,
+            "size": _SIZE.value,
+            "steps": _STEPS.value,
+            "warmup": _WARMUP.value,
+            **compare("unet", cpus),
+        }
+    if "r2plus1d" in _MODELS.value:
+        print(f"R(2+1)D-18, batch {_R21_BATCH.value} of 32x112x112x3, CPUs {cpus}.")
+        result["r2plus1d"] = {
+            "peer": "torchvision r2plus1d_18, fc 512->1, MSE + SGD(1e-4, 0.9, wd 1e-4)",
+            "medjax": "EFRegressor(depth=18, width=64), MSE + SGD (configs/echonet.py:paper)",
+            "batch": _R21_BATCH.value,
+            "steps": _R21_STEPS.value,
+            **compare("r2plus1d", cpus),
+        }
     writers.write_json(_OUT.value, result)
     print(f"Wrote {_OUT.value}")
 

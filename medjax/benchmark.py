@@ -438,6 +438,8 @@ def benchmark(
         raise ValueError(f"Need --steps >= 1 and --warmup >= 0, got {steps} and {warmup}.")
     mesh = parallel.make_mesh(num_devices)
     task = tasks.get_task(config)
+    if input_batches <= 0:
+        task.without_data()  # Synthetic batches only: no dataset is built or read.
     _, _, state, step = train.build_training(config, task, mesh)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     batch = _global_batch(task, batch_per_device, mesh)
@@ -458,7 +460,7 @@ def benchmark(
         "stage": config.get("stage"),
         "model": config.model.name,
         "num_params": int(num_params),
-        "image_size": config.data.get("image_size"),
+        "image_size": config.data.get("image_size") or config.data.get("frame_size"),
         "platform": device.platform,
         "device_kind": getattr(device, "device_kind", device.platform),
         "device_count": num_devices,

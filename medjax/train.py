@@ -73,9 +73,11 @@ def make_optimizer(
             decay_rate=opt_cfg.get("lr_step_gamma", 0.1),
             staircase=True,
         )
-        schedule = optax.join_schedules(
-            [optax.linear_schedule(0.0, train_cfg.learning_rate, warmup), decay], [warmup]
-        )
+        schedule = decay
+        if warmup > 0:
+            schedule = optax.join_schedules(
+                [optax.linear_schedule(0.0, train_cfg.learning_rate, warmup), decay], [warmup]
+            )
     else:
         schedule = optax.warmup_cosine_decay_schedule(
             init_value=0.0,

@@ -102,6 +102,10 @@ class Task(abc.ABC):
     def load_artifacts(self, run_dir: str) -> None:
         """Reads what `save_artifacts` wrote, so inference needs no training data."""
 
+    def without_data(self) -> None:
+        """Lets the model be initialised and applied without the dataset (benchmarks on
+        synthetic batches): constants measured on the data take neutral values."""
+
     # ------------------------------------------------------------------ reports
     def write_report(self, out_dir: str, samples: list[tuple[dict, dict, dict]]) -> list[str]:
         """Writes pictures of (example, host fields, prediction) samples; returns the paths."""

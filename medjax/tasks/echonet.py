@@ -164,6 +164,9 @@ class EchonetData:
     def save_artifacts(self, run_dir):
         writers.write_json(os.path.join(run_dir, self.STATS_FILE), self.train_stats())
 
+    def without_data(self):
+        self._stats = {"mean": [128.0], "std": [64.0], "mean_ef": 55.0}
+
     def load_artifacts(self, run_dir):
         path = os.path.join(run_dir, self.STATS_FILE)
         if os.path.isfile(path):
@@ -361,7 +364,11 @@ class EchonetEF(EchonetData, Task):
         stats = self.train_stats()
         mean = jnp.asarray(stats["mean"], jnp.float32)
         std = jnp.asarray(stats["std"], jnp.float32)
-        return (batch["clip"].astype(jnp.float32) - mean) / std
+        clips = (batch["clip"].astype(jnp.float32) - mean) / std
+        channels = self.config.data.get("channels", 1)
+        if channels != clips.shape[-1]:  # Gray repeated, as EchoNet feeds its 3-channel AVIs.
+            clips = jnp.broadcast_to(clips, clips.shape[:-1] + (channels,))
+        return clips
 
     def _apply(self, variables, batch, train: bool, rng=None):
         return apply_model(self.model, variables, self.model_inputs(batch), train=train, rng=rng)
