@@ -20,6 +20,14 @@ regressor in `configs/echonet.py:paper` (the same network, 31.30M parameters; MS
 same settings), one training step on 2 clips of 32x112x112x3 (medjax repeats its gray frames to
 3 channels, as EchoNet feeds its AVIs), --r2plus1d_steps timed steps.
 
+EchoNet input pipeline (`--models=echonet_input`, no PyTorch needed): clips/s of medjax's EF
+training loader (`configs/echonet.py:paper`: 32 frames every 2nd at 112 px, pad-12 crop; videos
+decoded once at build time, read from ArrayRecord) against the reference loader's work per
+clip: open the AVI and decode every frame with OpenCV into a float array (EchoNet-Dynamic's
+`loadvideo`), normalise, pick a random start, take the clip, pad and crop (its `Echo`
+dataset's `__getitem__`), over the same synthetic videos in the EchoNet layout. Both run in
+this process, one worker each, alternately.
+
 Threads: both processes are pinned to the same --threads CPUs (sched_setaffinity). The peer
 also calls torch.set_num_threads(--threads); XLA's CPU client sizes its thread pool to the
 CPUs the process may run on (XLA_FLAGS has no thread-count flag in this jaxlib).
@@ -38,6 +46,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 from absl import app, flags
 
@@ -45,7 +54,14 @@ from medjax import writers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-_MODELS = flags.DEFINE_list("models", ["unet", "r2plus1d"], "Which comparisons to run.")
+_MODELS = flags.DEFINE_list(
+    "models", ["unet", "r2plus1d", "echonet_input"], "Which comparisons to run."
+)
+_INPUT_VIDEOS = flags.DEFINE_integer("input_videos", 64, "Synthetic videos for echonet_input.")
+_INPUT_CLIPS = flags.DEFINE_integer("input_clips", 64, "Clips timed per echonet_input run.")
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", os.path.join("data"), "Where echonet_input builds its synthetic dataset."
+)
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Alternating rounds (one run of each side each).")
 _R21_STEPS = flags.DEFINE_integer("r2plus1d_steps", 3, "Timed R(2+1)D steps per run.")
 _R21_BATCH = flags.DEFINE_integer("r2plus1d_batch", 2, "Clips per R(2+1)D step.")
@@ -92,8 +108,13 @@ def peer_unet_step_s(cpus: list[int]) -> float:
     script = os.path.join(_PEERS_DIR.value, "peer_unet.py")
     out = _run(
         [
-            _PEERS_PYTHON.value, script, f"--batch={_BATCH.value}", f"--size={_SIZE.value}",
-            f"--steps={_STEPS.value}", f"--warmup={_WARMUP.value}", f"--threads={_THREADS.value}",
+            _PEERS_PYTHON.value,
+            script,
+            f"--batch={_BATCH.value}",
+            f"--size={_SIZE.value}",
+            f"--steps={_STEPS.value}",
+            f"--warmup={_WARMUP.value}",
+            f"--threads={_THREADS.value}",
         ],
         cpus,
     )
@@ -105,11 +126,18 @@ def medjax_unet_step_s(cpus: list[int]) -> float:
     with tempfile.TemporaryDirectory(prefix="medjax-peers-") as tmp:
         out = os.path.join(tmp, "benchmark.json")
         command = [
-            sys.executable, "-m", "medjax.benchmark", "--config=configs/crl.py",
-            "--config.model.width=16", "--config.model.depth=4",
-            f"--config.data.image_size={_SIZE.value}", "--devices=1",
-            f"--batch_per_device={_BATCH.value}", f"--steps={_STEPS.value}",
-            f"--warmup={_WARMUP.value}", f"--out={out}",
+            sys.executable,
+            "-m",
+            "medjax.benchmark",
+            "--config=configs/crl.py",
+            "--config.model.width=16",
+            "--config.model.depth=4",
+            f"--config.data.image_size={_SIZE.value}",
+            "--devices=1",
+            f"--batch_per_device={_BATCH.value}",
+            f"--steps={_STEPS.value}",
+            f"--warmup={_WARMUP.value}",
+            f"--out={out}",
         ]
         if _LOSS.value == "bce":
             command.append("--config.loss.dice_weight=0.0")
@@ -123,8 +151,13 @@ def peer_r2plus1d_step_s(cpus: list[int]) -> float:
     script = os.path.join(_PEERS_DIR.value, "peer_r2plus1d.py")
     out = _run(
         [
-            _PEERS_PYTHON.value, script, f"--batch={_R21_BATCH.value}", "--frames=32",
-            f"--steps={_R21_STEPS.value}", "--warmup=1", f"--threads={_THREADS.value}",
+            _PEERS_PYTHON.value,
+            script,
+            f"--batch={_R21_BATCH.value}",
+            "--frames=32",
+            f"--steps={_R21_STEPS.value}",
+            "--warmup=1",
+            f"--threads={_THREADS.value}",
         ],
         cpus,
     )
@@ -137,18 +170,101 @@ def medjax_r2plus1d_step_s(cpus: list[int]) -> float:
     with tempfile.TemporaryDirectory(prefix="medjax-peers-") as tmp:
         out = os.path.join(tmp, "benchmark.json")
         command = [
-            sys.executable, "-m", "medjax.benchmark", "--config=configs/echonet.py:paper",
-            "--devices=1", f"--batch_per_device={_R21_BATCH.value}",
-            f"--steps={_R21_STEPS.value}", "--warmup=1", f"--out={out}",
+            sys.executable,
+            "-m",
+            "medjax.benchmark",
+            "--config=configs/echonet.py:paper",
+            "--devices=1",
+            f"--batch_per_device={_R21_BATCH.value}",
+            f"--steps={_R21_STEPS.value}",
+            "--warmup=1",
+            f"--out={out}",
         ]
         _run(command, cpus, env={"XLA_FLAGS": _XLA_FLAGS.value, "JAX_PLATFORMS": "cpu"})
         with open(out) as f:
             return float(json.load(f)[0]["step_time_median_s"])
 
 
+def _echonet_input_task():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_echonet_cfg", f"{REPO}/configs/echonet.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("paper")
+    config.data.data_dir = _DATA_DIR.value
+    config.data.synthetic_num = _INPUT_VIDEOS.value
+    from medjax import tasks
+
+    task = tasks.get_task(config)
+    task.train_stats()  # Builds the data (once) before anything is timed.
+    return task
+
+
+def reference_clip(path: str, rng, mean: float, std: float):
+    """One training clip the way EchoNet-Dynamic's loader makes it, from the AVI."""
+    import cv2
+    import numpy as np
+
+    capture = cv2.VideoCapture(path)
+    frames = []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+    capture.release()
+    video = np.stack(frames).transpose(3, 0, 1, 2).astype(np.float32)  # (C, F, H, W)
+    video = (video - mean) / std
+    length, period, pad = 32, 2, 12
+    if video.shape[1] < length * period:
+        missing = length * period - video.shape[1]
+        video = np.concatenate([video, np.zeros((3, missing) + video.shape[2:], np.float32)], 1)
+    start = rng.integers(video.shape[1] - (length - 1) * period)
+    clip = video[:, start + period * np.arange(length)]
+    padded = np.zeros(
+        clip.shape[:2] + (clip.shape[2] + 2 * pad, clip.shape[3] + 2 * pad), np.float32
+    )
+    padded[:, :, pad:-pad, pad:-pad] = clip
+    i, j = rng.integers(0, 2 * pad, 2)
+    return padded[:, :, i : i + clip.shape[2], j : j + clip.shape[3]]
+
+
+def peer_echonet_input_s(cpus: list[int]) -> float:
+    """Seconds per clip of the reference-style loader (decode the AVI every time)."""
+    del cpus  # Runs in this process.
+    import numpy as np
+
+    from medjax import data as data_lib
+
+    raw = data_lib.synthetic_raw_dir("echonet_dynamic", _DATA_DIR.value, _INPUT_VIDEOS.value, 0)
+    videos = sorted(os.listdir(os.path.join(raw, "Videos")))
+    rng = np.random.default_rng(0)
+    start = time.perf_counter()
+    for k in range(_INPUT_CLIPS.value):
+        path = os.path.join(raw, "Videos", videos[rng.integers(len(videos))])
+        reference_clip(path, rng, 30.0, 40.0)
+    return (time.perf_counter() - start) / _INPUT_CLIPS.value
+
+
+def medjax_echonet_input_s(cpus: list[int]) -> float:
+    """Seconds per clip of medjax's EF training loader (grain, in this process)."""
+    del cpus
+    task = _echonet_input_task()
+    batch = 8
+    batches = max(1, _INPUT_CLIPS.value // batch)
+    iterator = iter(task.train_loader(batch, seed=0))
+    next(iterator)  # Warm-up: opens the ArrayRecord files.
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(iterator)
+    return (time.perf_counter() - start) / (batches * batch)
+
+
 COMPARISONS = {
     "unet": (peer_unet_step_s, medjax_unet_step_s),
     "r2plus1d": (peer_r2plus1d_step_s, medjax_r2plus1d_step_s),
+    "echonet_input": (peer_echonet_input_s, medjax_echonet_input_s),
 }
 
 
@@ -157,20 +273,26 @@ def compare(name: str, cpus: list[int]) -> dict:
     peer, medjax = COMPARISONS[name]
     sides = {"peer": peer, "medjax": medjax}
     rounds = []
-    print(f"{name}: {'round':>5}  {'first':>6}  {'peer s':>8}  {'medjax s':>8}  {'medjax/peer':>11}")
+    print(
+        f"{name}: {'round':>5}  {'first':>6}  {'peer s':>8}  {'medjax s':>8}  {'medjax/peer':>11}"
+    )
     for r in range(_ROUNDS.value):
         order = ("peer", "medjax") if r % 2 == 0 else ("medjax", "peer")
         times = {side: sides[side](cpus) for side in order}
         ratio = times["medjax"] / times["peer"]
         rounds.append({"first": order[0], **times, "medjax_over_peer": ratio})
-        print(f"{name}: {r + 1:>5}  {order[0]:>6}  {times['peer']:8.3f}  {times['medjax']:8.3f}  "
-              f"{ratio:11.2f}")
+        print(
+            f"{name}: {r + 1:>5}  {order[0]:>6}  {times['peer']:8.3f}  {times['medjax']:8.3f}  "
+            f"{ratio:11.2f}"
+        )
     summary = {
         key: statistics.median(r[key] for r in rounds)
         for key in ("peer", "medjax", "medjax_over_peer")
     }
-    print(f"{name}: {'median':>5}  {'':>6}  {summary['peer']:8.3f}  {summary['medjax']:8.3f}  "
-          f"{summary['medjax_over_peer']:11.2f}")
+    print(
+        f"{name}: {'median':>5}  {'':>6}  {summary['peer']:8.3f}  {summary['medjax']:8.3f}  "
+        f"{summary['medjax_over_peer']:11.2f}"
+    )
     return {
         "rounds": rounds,
         "median_step_s": {"peer": summary["peer"], "medjax": summary["medjax"]},
@@ -197,8 +319,10 @@ def main(argv):
         "rounds": _ROUNDS.value,
     }
     if "unet" in _MODELS.value:
-        print(f"U-Net, batch {_BATCH.value} of {_SIZE.value}x{_SIZE.value}x1, CPUs {cpus}, "
-              f"medjax loss {_LOSS.value}.")
+        print(
+            f"U-Net, batch {_BATCH.value} of {_SIZE.value}x{_SIZE.value}x1, CPUs {cpus}, "
+            f"medjax loss {_LOSS.value}."
+        )
         result["unet"] = {
             "peer": "monai.BasicUNet2d(16,32,64,128,256,16), BCE + Adam",
             "medjax": f"UNet(width=16, depth=4), {_LOSS.value} + clipped AdamW",
@@ -216,6 +340,18 @@ def main(argv):
             "batch": _R21_BATCH.value,
             "steps": _R21_STEPS.value,
             **compare("r2plus1d", cpus),
+        }
+    if "echonet_input" in _MODELS.value:
+        print(
+            f"EchoNet input, seconds per training clip (32x112x112), {_INPUT_VIDEOS.value} "
+            "synthetic videos; medjax/peer < 1: medjax delivers clips faster."
+        )
+        _echonet_input_task()
+        result["echonet_input"] = {
+            "peer": "decode the AVI (OpenCV) per clip, normalise, clip, pad-crop (EchoNet's Echo)",
+            "medjax": "grain train_loader over ArrayRecord videos decoded at build time",
+            "clips": _INPUT_CLIPS.value,
+            **compare("echonet_input", cpus),
         }
     writers.write_json(_OUT.value, result)
     print(f"Wrote {_OUT.value}")

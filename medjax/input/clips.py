@@ -33,9 +33,11 @@ def num_starts(num_frames: int, length: int, period: int) -> int:
 
 
 def take_clip(video: np.ndarray, start: int, length: int, period: int) -> np.ndarray:
-    """The clip of `length` frames every `period` frames from `start` (video padded first)."""
+    """The clip of `length` frames every `period` frames from `start` (video padded first).
+
+    A strided view of the video when no padding is needed (no copy)."""
     video = pad_video(video, length, period)
-    return video[start + period * np.arange(length)]
+    return video[start : start + span(length, period) : period]
 
 
 def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
@@ -60,11 +62,15 @@ def random_pad_crop(
     """
     if pad <= 0:
         return frames if masks is None else (frames, masks)
-    i, j = rng.integers(0, 2 * pad + 1, size=2)
+    i, j = (int(v) - pad for v in rng.integers(0, 2 * pad + 1, size=2))
 
     def shift(array):
+        # out[y, x] = array[y + i, x + j] where that is inside, else 0: one copy, no padding.
         height, width = array.shape[1:3]
-        padded = np.pad(array, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-        return padded[:, i : i + height, j : j + width]
+        out = np.zeros_like(array)
+        out[:, max(0, -i) : height - max(0, i), max(0, -j) : width - max(0, j)] = array[
+            :, max(0, i) : height + min(0, i), max(0, j) : width + min(0, j)
+        ]
+        return out
 
     return shift(frames) if masks is None else (shift(frames), shift(masks))
