@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The standard benchmark set, written into runs/benchmark/ (one JSON file each, plus the printed
 # tables): the CRL U-Net (segment stage) at 1, 2, 4 and 8 devices, the quality (VGG-16) and
-# keypoint (ResNet-34 heatmap) stages at 1 device, the U-Net in bfloat16, and the U-Net's input
-# pipeline (builds the synthetic CRL dataset into data/ if needed).
+# keypoint (ResNet-34 heatmap) stages at 1 device, the U-Net in bfloat16, the U-Net's input
+# pipeline (builds the synthetic CRL dataset into data/ if needed), the EchoNet EF regressor
+# at 1, 2, 4 and 8 devices, the LV DeepLabv3, and the EF input pipeline.
 # On a CPU the 2/4/8-device runs use virtual devices in subprocesses; on a GPU / TPU machine
 # the first N devices. Extra arguments go to every run (e.g. --steps=50 --batch_per_device=8).
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
@@ -25,4 +26,7 @@ bench quality --config=configs/crl.py:stage=quality --devices=1 --batch_per_devi
 bench keypoints --config=configs/crl.py:stage=keypoints --devices=1 --batch_per_device=16 "$@"
 bench unet_bf16 --config=configs/crl.py --devices=1 --batch_per_device=16 --dtype=bfloat16 "$@"
 bench unet_input --config=configs/crl.py --devices=1 --batch_per_device=16 --input_pipeline "$@"
+bench echonet_ef --config=configs/echonet.py --devices=1,2,4,8 --batch_per_device=4 "$@"
+bench echonet_lv --config=configs/echonet.py:task=segment --devices=1 --batch_per_device=16 "$@"
+bench echonet_ef_input --config=configs/echonet.py --devices=1 --batch_per_device=16 --input_pipeline "$@"
 echo "Records and tables in $OUT/"
