@@ -154,3 +154,31 @@ def test_overfits_one_image():
     dice = metrics.dice_score(logits > 0, y)
     assert float(loss) < 0.3
     assert float(dice[0]) > 0.9
+
+
+def test_upsample2x_is_the_stride_2_transposed_convolution():
+    import flax.linen as nn
+
+    from medjax.models.unet import Upsample2x
+
+    class Reference(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.ConvTranspose(8, (2, 2), strides=(2, 2), name="up")(x)
+
+    class Fast(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return Upsample2x(8, name="up")(x)
+
+    x = jax.random.normal(jax.random.key(0), (2, 5, 6, 3))
+    reference = Reference().init(jax.random.key(1), x)
+    fast = Fast().init(jax.random.key(1), x)
+    # Same parameter names, shapes and initial values: checkpoints and seeds carry over.
+    assert jax.tree.structure(reference) == jax.tree.structure(fast)
+    for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(fast)):
+        np.testing.assert_array_equal(a, b)
+    reference["params"]["up"]["bias"] = jnp.arange(8.0)
+    np.testing.assert_allclose(
+        Fast().apply(reference, x), Reference().apply(reference, x), rtol=1e-5, atol=1e-5
+    )
