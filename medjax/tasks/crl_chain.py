@@ -22,7 +22,7 @@ from medjax import evaluate as eval_lib
 from medjax import plots, writers
 from medjax.clinical import crl as clinical
 from medjax.input import augment as aug
-from medjax.tasks.stages import MissingStageError, load_stage  # noqa: F401 (re-exported)
+from medjax.tasks.stages import MissingStageError, data_from, load_stage  # noqa: F401
 
 STAGES = ("segment", "quality", "keypoints")
 
@@ -188,11 +188,7 @@ def evaluate_end_to_end(
     stage's own metrics) and Bland-Altman plots of CRL and GA.
     """
 
-    def same_data(stage_cfg):
-        stage_cfg.data.data_dir = config.data.data_dir
-        stage_cfg.data.manual_dir = config.data.manual_dir
-
-    chain = CrlChain(workdir, checkpoint, overrides=same_data)
+    chain = CrlChain(workdir, checkpoint, overrides=data_from(config))
     segment_task = chain.stages["segment"][1]
     source = segment_task.source(split)
     crl_true, crl_pred, ga_true, ga_pred, verdicts = [], [], [], [], []

@@ -420,20 +420,23 @@ class EchonetEF(EchonetData, Task):
             num_workers=d.num_workers,
         )
 
+    def _starts(self, split: str, video: int) -> tuple[int, list[int]]:
+        d, e = self.config.data, self.config.eval
+        return eval_clip_starts(
+            self.index()[split]["num_frames"][video],
+            video,
+            length=d.clip_length,
+            period=d.clip_period,
+            stride=e.clip_stride,
+            max_clips=e.max_clips,
+        )
+
     def _rows(self, split: str, video_indices: Sequence[int]):
         """Evaluation rows (clip, ef, video_index, single) of the given videos, in order."""
-        d, e = self.config.data, self.config.eval
+        d = self.config.data
         source = self.source(split)
-        num_frames = self.index()[split]["num_frames"]
         for v in video_indices:
-            single, starts = eval_clip_starts(
-                num_frames[v],
-                v,
-                length=d.clip_length,
-                period=d.clip_period,
-                stride=e.clip_stride,
-                max_clips=e.max_clips,
-            )
+            single, starts = self._starts(split, v)
             record = source[v]
             video, ef = record["video"], np.float32(record["ef"])
             for start, is_single in [(single, True)] + [(s, False) for s in starts]:
@@ -445,37 +448,23 @@ class EchonetEF(EchonetData, Task):
                     "single": np.bool_(is_single),
                 }
 
-    def _num_rows(self, split: str, video_indices: Sequence[int]) -> int:
-        d, e = self.config.data, self.config.eval
-        num_frames = self.index()[split]["num_frames"]
-        return sum(
-            1
-            + len(
-                eval_clip_starts(
-                    num_frames[v],
-                    v,
-                    length=d.clip_length,
-                    period=d.clip_period,
-                    stride=e.clip_stride,
-                    max_clips=e.max_clips,
-                )[1]
-            )
-            for v in video_indices
-        )
-
     def eval_batches(self, split, batch_size):
         """Clip rows of this process's videos (every process_count-th labelled video), in
         batches padded with `valid` False; every process yields the same number of batches.
         One video is decoded at a time, so memory does not grow with the video length."""
         videos = self.labelled(split)[jax.process_index() :: jax.process_count()]
-        rows = self._num_rows(split, videos)
+        rows = sum(1 + len(self._starts(split, v)[1]) for v in videos)
         num_batches = math.ceil(parallel.max_over_processes(rows) / batch_size)
         iterator = self._rows(split, videos)
-        filler = next(self._rows(split, self.labelled(split)[:1]))
+        filler = None
         for _ in range(num_batches):
             chunk = [row for _, row in zip(range(batch_size), iterator)]
             num_valid = len(chunk)
-            chunk += [filler] * (batch_size - num_valid)
+            if num_valid < batch_size:  # Padding rows: any clip, marked invalid.
+                filler = filler or (
+                    chunk[0] if chunk else next(self._rows(split, self.labelled(split)[:1]))
+                )
+                chunk += [filler] * (batch_size - num_valid)
             device = {k: np.stack([row[k] for row in chunk]) for k in chunk[0]}
             device["valid"] = np.arange(batch_size) < num_valid
             yield device, {}

@@ -29,7 +29,7 @@ from medjax.clinical import echo
 from medjax.input import clips as clip_lib
 from medjax.input import pipeline
 from medjax.tasks import echonet
-from medjax.tasks.stages import load_stage
+from medjax.tasks.stages import data_from, load_stage
 
 STAGES = ("ef", "segment")
 
@@ -172,11 +172,7 @@ def evaluate_beat_to_beat(
 ) -> dict:
     """Beat-to-beat EF over the labelled videos of `split`; writes DIR/eval/<split>/."""
 
-    def same_data(stage_cfg):
-        stage_cfg.data.data_dir = config.data.data_dir
-        stage_cfg.data.manual_dir = config.data.manual_dir
-
-    chain = EchonetChain(workdir, checkpoint, overrides=same_data)
+    chain = EchonetChain(workdir, checkpoint, overrides=data_from(config))
     task = chain.stages["ef"][1]
     source = task.source(split)
     out_dir = os.path.join(workdir, "eval", split)

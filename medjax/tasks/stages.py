@@ -47,6 +47,17 @@ def stage_config(
         return ml_collections.ConfigDict(json.load(f))
 
 
+def data_from(config):
+    """An `overrides` for `load_stage`: the stage reads the data `config` names (its data_dir
+    and manual_dir), not the data it was trained on."""
+
+    def override(stage_config):
+        stage_config.data.data_dir = config.data.data_dir
+        stage_config.data.manual_dir = config.data.manual_dir
+
+    return override
+
+
 def load_stage(
     workdir: str,
     stage: str,
