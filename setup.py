@@ -25,13 +25,23 @@ INSTALL_REQUIRES = [
     "h5py>=3.10,<4",
     # TensorBoard event files without TensorFlow (flax/clu writers import TF).
     "tensorboardX>=2.6,<2.7",
+    # NIfTI volumes (CT-ICH's ct_scans/, masks/).
+    "nibabel>=5.3,<6",
+    # Compressed DICOM transfer syntaxes (JPEG, JPEG-LS lossless, JPEG 2000) for pydicom.
+    "pylibjpeg>=2.0,<3",
+    "pylibjpeg-libjpeg>=2.3,<3",
+    "pylibjpeg-openjpeg>=2.4,<3",
+    # The ICH web page (medjax.serve), as the reference project served its model.
+    "flask>=3.1,<3.2",
+    # Classical baselines (PCA, KNN, LDA, NCA, SVM) and reference metrics.
+    "scikit-learn>=1.5,<2",
 ]
 
 EXTRAS = {
     "test": [
         "pytest>=8,<10",
-        # Reference values for the metric cross-tests.
-        "scikit-learn>=1.5,<2",
+        # Drives headless Chromium in the web page's end-to-end test.
+        "selenium>=4.51,<5",
     ],
 }
 

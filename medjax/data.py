@@ -17,7 +17,8 @@ Where things go. A dataset built from raw directory RAW is stored, the TFDS way,
 `<data_dir>/<name>/<source key>/<version>/`, where the TFDS BuilderConfig name `<source key>`
 is `<RAW's folder name>-<12 hex digits of a SHA-256 over the relative path, size and
 modification time of every non-hidden file under RAW>` (a stat, not a read: cheap even for a
-many-gigabyte video dataset). Datasets built from different raw data (say a synthetic one and a
+many-gigabyte video dataset), followed by `-o<8 hex digits>` of the build options when any
+differs from the builder's default. Datasets built from different raw data (say a synthetic one and a
 real one) therefore never collide in one data_dir, rebuilding from unchanged raw data is a
 no-op, and editing a raw file leads to a fresh build rather than to stale data. Builders cannot
 tell synthetic raw data from real raw data; only `ensure_built` synthesizes, into
@@ -29,8 +30,11 @@ so an interrupted build leaves no half-written dataset behind (just that tempora
 """
 
 import argparse
+import ast
 import dataclasses
 import hashlib
+import inspect
+import json
 import os
 import re
 import shutil
@@ -39,7 +43,13 @@ import tempfile
 from collections.abc import Callable
 
 import tensorflow_datasets as tfds
-from medjax_datasets import crl_ultrasound, echonet_dynamic
+from medjax_datasets import (
+    crl_ultrasound,
+    ct_ich,
+    echonet_dynamic,
+    embryo_timelapse,
+    sdf_perfusion,
+)
 
 FILE_FORMAT = "array_record"
 
@@ -60,11 +70,29 @@ DATASETS: dict[str, DatasetEntry] = {
         synthesize=crl_ultrasound.synthesize,
         description="First-trimester ultrasound: fetus mask, crown/rump points, GA, quality.",
     ),
+    "ct_ich": DatasetEntry(
+        builder_class=ct_ich.CtIch,
+        synthesize=ct_ich.synthesize,
+        description="Head CT slices (HU): hemorrhage masks, subtype and fracture labels.",
+        build_options=("offline_augment_copies",),
+    ),
     "echonet_dynamic": DatasetEntry(
         builder_class=echonet_dynamic.EchonetDynamic,
         synthesize=echonet_dynamic.synthesize,
         description="Echocardiogram videos: ejection fraction, EDV/ESV, ED/ES LV masks.",
         build_options=("skip_missing_videos",),
+    ),
+    "embryo_timelapse": DatasetEntry(
+        builder_class=embryo_timelapse.EmbryoTimelapse,
+        synthesize=embryo_timelapse.synthesize,
+        description="Time-lapse embryo videos: embryo crops, hours, phases, clinical outcome.",
+        build_options=embryo_timelapse.BUILD_OPTIONS,
+    ),
+    "sdf_perfusion": DatasetEntry(
+        builder_class=sdf_perfusion.SdfPerfusion,
+        synthesize=sdf_perfusion.synthesize,
+        description="SDF microcirculation videos: per-quadrant MFI scores, MFI, flow class.",
+        build_options=("frame_size", "num_frames", "frame_stride", "skip_missing_videos"),
     ),
 }
 
@@ -117,21 +145,43 @@ def _builder(
     )
 
 
+def _option_defaults(name: str) -> dict:
+    params = inspect.signature(_entry(name).builder_class.__init__).parameters
+    return {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+
+
+def build_key(name: str, manual_dir: str | os.PathLike, options: dict) -> str:
+    """The BuilderConfig name of a build: the raw directory's `source_key`, plus a digest of
+    the build options that differ from the builder's defaults (so builds of the same raw data
+    with other options, say another frame size, live side by side)."""
+    key = source_key(manual_dir)
+    if options:
+        digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()
+        key += f"-o{digest[:8]}"
+    return key
+
+
+def _set_options(name: str, options: dict) -> dict:
+    """The options that differ from the builder's defaults (None means default)."""
+    defaults = _option_defaults(name)
+    return {k: v for k, v in options.items() if v is not None and defaults.get(k, object()) != v}
+
+
 def build(
     name: str,
     manual_dir: str | os.PathLike,
     data_dir: str | os.PathLike,
-    *,
-    skip_missing_videos: bool = False,
+    **options,
 ) -> tfds.core.DatasetBuilder:
     """Builds dataset `name` from raw `manual_dir` into `data_dir`; returns the prepared builder.
 
-    Idempotent: when this raw data is already built in `data_dir`, only loads it.
-    `skip_missing_videos` (video datasets only) leaves out the listed videos whose file is
-    missing instead of failing.
+    Idempotent: when this raw data is already built in `data_dir` with these options, only
+    loads it. `options` are the dataset's build options (`DatasetEntry.build_options`, e.g.
+    `skip_missing_videos=True` for video datasets: leave out listed videos whose file is
+    missing instead of failing); None or the builder's default leaves an option unset.
     """
-    options = {"skip_missing_videos": True} if skip_missing_videos else {}
-    builder = _builder(name, data_dir, source_key(manual_dir), **options)
+    options = _set_options(name, options)
+    builder = _builder(name, data_dir, build_key(name, manual_dir, options), **options)
     if not builder.is_prepared():
         builder.download_and_prepare(
             file_format=FILE_FORMAT,
@@ -189,13 +239,14 @@ def ensure_built(
     data_dir: str | os.PathLike,
     synthetic_num: int | None = None,
     synthetic_seed: int = 0,
-    skip_missing_videos: bool = False,
+    **options,
 ) -> tfds.core.DatasetBuilder:
     """Returns the prepared builder, building (and, without `manual_dir`, synthesizing) if needed.
 
     Without `manual_dir`, `synthetic_num` examples with `synthetic_seed` are synthesized into
     `synthetic_raw_dir(...)` unless already there (written to a temporary folder then renamed,
-    so a killed run never leaves a partial raw directory), then built from it.
+    so a killed run never leaves a partial raw directory), then built from it with the
+    build `options` (see `build`).
     """
     if manual_dir is None:
         if synthetic_num is None:
@@ -212,7 +263,21 @@ def ensure_built(
                     raise
             finally:
                 shutil.rmtree(tmp_dir, ignore_errors=True)
-    return build(name, manual_dir, data_dir, skip_missing_videos=skip_missing_videos)
+    return build(name, manual_dir, data_dir, **options)
+
+
+def _parse_options(items: list[str]) -> dict:
+    """["frame_size=64", ...] -> {"frame_size": 64}; values are Python literals or strings."""
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--option {item!r}: expected KEY=VALUE, e.g. --option frame_size=64.")
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[key] = value
+    return options
 
 
 def _print_splits(builder: tfds.core.DatasetBuilder) -> None:
@@ -241,23 +306,27 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="leave out listed videos whose file is missing instead of failing (video datasets)",
     )
+    build_cmd.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a build option of the dataset (see `list`), e.g. --option frame_size=64; repeatable",
+    )
     args = parser.parse_args(argv)
 
     if args.command == "list":
         for name, entry in sorted(DATASETS.items()):
-            print(f"{name}\t{entry.description}")
+            options = f" [build options: {', '.join(entry.build_options)}]"
+            print(f"{name}\t{entry.description}{options if entry.build_options else ''}")
     elif args.command == "synthesize":
         synthesize(args.name, args.out, args.num, args.seed)
         print(f"Wrote {args.num} synthetic {args.name} examples to {args.out}")
     else:
-        _print_splits(
-            build(
-                args.name,
-                args.manual_dir,
-                args.data_dir,
-                skip_missing_videos=args.skip_missing_videos,
-            )
-        )
+        options = _parse_options(args.option)
+        if args.skip_missing_videos:
+            options["skip_missing_videos"] = True
+        _print_splits(build(args.name, args.manual_dir, args.data_dir, **options))
 
 
 if __name__ == "__main__":

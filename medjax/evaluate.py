@@ -143,7 +143,7 @@ def evaluate_checkpoint(
     if jax.process_index() == 0:
         writers.write_json(os.path.join(out_dir, "metrics.json"), result)
         pictures = task.write_report(out_dir, samples)
-        pictures += task.write_evaluation(out_dir, split, gathered)
+        pictures += task.write_evaluation(out_dir, split, gathered, variables=variables)
         logging.info("Evaluation of step %d on %r: %s", step, split, _format(metrics))
         logging.info(
             "Wrote %s and %s",

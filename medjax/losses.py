@@ -10,7 +10,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ["sigmoid_binary_cross_entropy", "soft_dice_loss", "dice_bce_loss"]
+__all__ = [
+    "sigmoid_binary_cross_entropy",
+    "sigmoid_focal_loss",
+    "soft_dice_loss",
+    "dice_bce_loss",
+    "segmentation_loss",
+]
 
 
 def _as_float32(logits, targets):
@@ -88,3 +94,52 @@ def dice_bce_loss(
     return dice_weight * soft_dice_loss(logits, targets) + bce_weight * (
         sigmoid_binary_cross_entropy(logits, targets)
     )
+
+
+def sigmoid_focal_loss(logits, targets, alpha: float = 0.25, gamma: float = 2.0) -> jnp.ndarray:
+    """Focal loss (Lin et al. 2017) averaged over all elements.
+
+    ``-a_t (1 - p_t)**gamma log(p_t)`` with ``p_t = p`` for target 1 and ``1 - p`` for
+    target 0, ``a_t = alpha`` for target 1 and ``1 - alpha`` for target 0 (``alpha < 0``:
+    no class weighting). Down-weights the many easy background pixels of mostly empty slices.
+
+    Args:
+      logits: raw scores, shape (B, ...).
+      targets: values in [0, 1], same shape.
+      alpha: weight of the positive class in [0, 1], or negative for none.
+      gamma: focusing exponent (0 gives weighted binary cross-entropy).
+
+    Returns:
+      float32 scalar.
+    """
+    logits, targets = _as_float32(logits, targets)
+    ce = optax.sigmoid_binary_cross_entropy(logits, targets)
+    p = jax.nn.sigmoid(logits)
+    p_t = p * targets + (1.0 - p) * (1.0 - targets)
+    loss = ce * (1.0 - p_t) ** gamma
+    if alpha >= 0:
+        loss = loss * (alpha * targets + (1.0 - alpha) * (1.0 - targets))
+    return jnp.mean(loss)
+
+
+def segmentation_loss(logits, targets, cfg) -> jnp.ndarray:
+    """The weighted sum of soft Dice, BCE and focal terms a segmentation config names.
+
+    Args:
+      logits: raw scores, shape (B, ...).
+      targets: values in [0, 1], same shape.
+      cfg: mapping with ``dice_weight``, ``bce_weight`` and optionally ``focal_weight``,
+        ``focal_alpha``, ``focal_gamma`` (a term with weight 0 is not computed).
+
+    Returns:
+      float32 scalar.
+    """
+    total = dice_bce_loss(
+        logits, targets, dice_weight=cfg["dice_weight"], bce_weight=cfg["bce_weight"]
+    )
+    focal_weight = cfg.get("focal_weight", 0.0)
+    if focal_weight:
+        total = total + focal_weight * sigmoid_focal_loss(
+            logits, targets, alpha=cfg.get("focal_alpha", 0.25), gamma=cfg.get("focal_gamma", 2.0)
+        )
+    return total

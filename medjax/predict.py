@@ -6,6 +6,9 @@ CRL images (segment -> quality -> keypoints -> CRL -> GA):
 Echo videos (AVI, or multi-frame echo DICOM): EF over all clips, LV area per frame, beats and
 beat-to-beat EF; writes <name>.json, <name>_area.png and <name>_overlay.avi:
   python -m medjax.predict --config=configs/echonet.py --workdir=runs/echonet video.avi
+Head CT (DICOM slice, NIfTI volume, PNG/JPEG): hemorrhage mask, P(hemorrhage), area and volume
+per file; writes <name>.json and <name>.png (the most likely slice, windowed, mask overlaid):
+  python -m medjax.predict --config=configs/ich.py --workdir=runs/ich_unet slice.dcm scan.nii
 
 Loads the best checkpoint of each stage trained in --workdir and writes, per image,
 `<out>/<name>.json` (quality verdict and P(bad), crown and rump points in image pixels, CRL in
@@ -81,6 +84,7 @@ def _define_flags():
     flags.DEFINE_string("out", None, "Output directory (default <workdir>/predict).")
     flags.DEFINE_string("checkpoint", "best", "best, latest, or a step number.")
     flags.DEFINE_float("pixel_spacing_mm", None, "Pixel spacing for PNG/JPEG inputs.")
+    flags.DEFINE_string("window", "brain", "ICH overlays: a CT window name or LEVEL/WIDTH.")
     flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -103,8 +107,19 @@ def main(argv):
                 print(f"  warning: {warning}")
         print(f"Reports, area curves and overlay videos in {out}")
         return
+    if f.config.task == "ich":
+        from medjax.tasks import ich
+
+        for report in ich.predict_ct_files(
+            f.workdir, paths, out, checkpoint=f.checkpoint, window=f.window
+        ):
+            print(f"{report['file']}: {ich.summary(report)}")
+            for warning in report["warnings"]:
+                print(f"  warning: {warning}")
+        print(f"Reports and overlays in {out}")
+        return
     if f.config.task != "crl":
-        raise app.UsageError(f"medjax.predict serves crl and echonet, not {f.config.task!r}.")
+        raise app.UsageError(f"medjax.predict serves crl, echonet and ich, not {f.config.task!r}.")
     for report in predict_files(
         f.workdir, paths, out, checkpoint=f.checkpoint, pixel_spacing_mm=f.pixel_spacing_mm
     ):

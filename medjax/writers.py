@@ -7,6 +7,7 @@ TensorBoard event files are written with tensorboardX (no TensorFlow needed).
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
@@ -23,6 +24,21 @@ def write_json(path: str, payload: Any) -> None:
     with open(tmp, "w") as f:
         json.dump(payload, f, indent=2, sort_keys=True, default=_jsonable)
         f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_csv(path: str, rows: list[Mapping[str, Any]], header: list[str] | None = None) -> None:
+    """Writes dict rows as CSV atomically (temp file + rename); the header is the first row's
+    keys unless given."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fields = header if header is not None else (list(rows[0]) if rows else [])
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -96,7 +112,8 @@ class MetricWriter:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         for name, value in scalars.items():
-            self._tb.add_scalar(name, float(value), int(step))
+            if math.isfinite(float(value)):  # Undefined metrics (NaN) stay out of TensorBoard.
+                self._tb.add_scalar(name, float(value), int(step))
 
     def flush(self) -> None:
         if self._tb is not None:

@@ -6,16 +6,18 @@ are deterministic given the generator state.
 
 Conventions
 -----------
-* Images and masks are (H, W, 1) uint8 (other channel counts up to 4 also work); the
-  channel axis is kept (OpenCV drops it for single-channel arrays; it is restored).
-  A 2-D (H, W) input gives a 2-D output.
+* Images and masks are (H, W, 1) uint8; the affine ops also take int16 / float32 images
+  (e.g. CT in Hounsfield units) and any channel count. The channel axis is kept (OpenCV
+  drops it for single-channel arrays; it is restored). A 2-D (H, W) input gives a 2-D
+  output.
 * Keypoints are (N, 2) float32 arrays of (x, y) = (column, row) in pixels, with pixel
   CENTRES at integer coordinates: the pixel ``image[r, c]`` covers
   [c - 0.5, c + 0.5] x [r - 0.5, r + 0.5] and its centre is (x=c, y=r). This is
   the convention of ``cv2.warpAffine``. ``points`` may be None (returned as None) or
   empty (shape (0, 2)).
 * Masks are resampled with nearest-neighbour, images with (bi)linear interpolation
-  (area averaging when `letterbox` shrinks), pixels outside the source are 0.
+  (area averaging when `letterbox` shrinks), pixels outside the source are 0 (the
+  affine ops can also fill with another value or replicate / reflect / wrap the edge).
 * Keypoints are only moved, never relabelled or dropped: a horizontal flip keeps every
   label (the anatomy does not change sides), and a keypoint pushed out of the frame
   keeps its out-of-range coordinates.
@@ -35,6 +37,8 @@ __all__ = [
     "warp_affine",
     "random_affine",
     "random_brightness_contrast",
+    "keep_dtype",
+    "BORDER_MODES",
 ]
 
 
@@ -179,14 +183,24 @@ def affine_matrix(
     angle_deg: float = 0.0,
     scale: float = 1.0,
     shift=(0.0, 0.0),
+    shear_deg: float = 0.0,
+    zoom=(1.0, 1.0),
 ) -> np.ndarray:
     """Builds the 2x3 matrix: horizontal flip, then rotation and scaling about the
-    image centre, then a shift.
+    image centre, then shear, then per-axis zoom about the centre, then a shift.
 
     With pixel centres at integer coordinates the flip is ``x -> W - 1 - x`` and the
     centre is ((W - 1) / 2, (H - 1) / 2). A positive angle rotates counter-clockwise
     as the image is displayed (y pointing down), like ``cv2.getRotationMatrix2D``;
     a 90 degree turn of a square image equals ``np.rot90(image)``.
+
+    The shear is the inverse of Keras' ``apply_affine_transform`` shear (Keras builds
+    the output-to-input map ``[[1, -sin(s)], [0, cos(s)]]``), so in centred
+    coordinates ``x' = x + tan(s) * y`` and ``y' = y / cos(s)``: the image's vertical
+    axis turns counter-clockwise on screen by ``s`` while horizontal lines stay
+    horizontal. The zoom maps ``x' = zx * x``, ``y' = zy * y`` (> 1 enlarges, like
+    ``scale``). With ``shear_deg=0`` and ``zoom=(1, 1)`` the matrix is exactly the one
+    built without these two arguments.
 
     Args:
       shape: image shape; only (H, W) = shape[:2] is used.
@@ -194,9 +208,14 @@ def affine_matrix(
       angle_deg: rotation angle in degrees.
       scale: isotropic zoom factor (> 1 enlarges).
       shift: (dx, dy) translation in output pixels, applied last.
+      shear_deg: shear angle in degrees (counter-clockwise), |shear_deg| < 90.
+      zoom: (zx, zy) zoom factors along x (columns) and y (rows), both > 0.
 
     Returns:
       float64 array of shape (2, 3) mapping input (x, y) to output (x, y).
+
+    Raises:
+      ValueError: if ``shear_deg`` is not in (-90, 90) or a zoom factor is not > 0.
     """
     h, w = shape[:2]
     cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
@@ -215,45 +234,146 @@ def affine_matrix(
     )
     move = np.eye(3)
     move[0, 2], move[1, 2] = shift
-    return (move @ rot @ flip_m)[:2]
+    linear = rot
+    if shear_deg != 0.0:
+        if not -90.0 < shear_deg < 90.0:
+            raise ValueError(f"shear_deg must be in (-90, 90) degrees, got {shear_deg}")
+        s = math.radians(shear_deg)
+        shear = np.array([[1.0, math.tan(s), 0.0], [0.0, 1.0 / math.cos(s), 0.0], [0, 0, 1.0]])
+        linear = _about_centre(shear, cx, cy) @ linear
+    zx, zy = (float(z) for z in zoom)
+    if (zx, zy) != (1.0, 1.0):
+        if not (zx > 0 and zy > 0):
+            raise ValueError(f"zoom factors must be > 0, got zoom={tuple(zoom)}")
+        linear = _about_centre(np.diag([zx, zy, 1.0]), cx, cy) @ linear
+    return (move @ linear @ flip_m)[:2]
 
 
-def warp_affine(image, mask, points, matrix):
-    """Applies one 2x3 affine matrix to an image (linear), mask (nearest) and points.
-
-    The output has the input's size; pixels mapped from outside the input are 0.
+def _about_centre(linear: np.ndarray, cx: float, cy: float) -> np.ndarray:
+    """Conjugates a 3x3 linear map so that it acts about (cx, cy) instead of the origin.
 
     Args:
-      image: (H, W, 1) uint8 image.
+      linear: 3x3 matrix whose last column is (0, 0, 1).
+      cx, cy: the fixed point.
+
+    Returns:
+      3x3 matrix ``T(c) @ linear @ T(-c)``.
+    """
+    to_origin, back = np.eye(3), np.eye(3)
+    to_origin[:2, 2] = (-cx, -cy)
+    back[:2, 2] = (cx, cy)
+    return back @ linear @ to_origin
+
+
+# cv2 border modes under the names of Keras' fill_mode (whose "reflect" repeats the edge
+# pixel, abcddcba|abcd|dcbaabcd, which is BORDER_REFLECT, not BORDER_REFLECT_101).
+BORDER_MODES = {
+    "constant": cv2.BORDER_CONSTANT,
+    "nearest": cv2.BORDER_REPLICATE,
+    "reflect": cv2.BORDER_REFLECT,
+    "wrap": cv2.BORDER_WRAP,
+}
+
+
+def _warp(arr: np.ndarray, m: np.ndarray, interp: int, border: int, fill: float) -> np.ndarray:
+    """cv2.warpAffine to the input's size for any channel count and dtype.
+
+    dtypes as in `keep_dtype` (int16 is warped as float32 and rounded back); more than 4
+    channels are warped 4 at a time.
+
+    Args:
+      arr: (H, W) or (H, W, C) array.
+      m: 2x3 float64 matrix from input to output pixels.
+      interp: cv2 interpolation flag.
+      border: cv2 border mode.
+      fill: value of outside pixels in constant mode, for every channel.
+
+    Returns:
+      The warped array, same shape and dtype.
+    """
+    h, w = arr.shape[:2]
+    if arr.ndim == 3 and arr.shape[2] > 4:
+        parts = [
+            _warp(arr[:, :, i : i + 4], m, interp, border, fill) for i in range(0, arr.shape[2], 4)
+        ]
+        return np.concatenate(parts, axis=2)
+    return keep_dtype(
+        arr,
+        lambda src: cv2.warpAffine(
+            np.ascontiguousarray(src),
+            m,
+            (w, h),
+            flags=interp,
+            borderMode=border,
+            borderValue=(float(fill),) * 4,
+        ),
+    )
+
+
+def keep_dtype(arr: np.ndarray, cv2_fn) -> np.ndarray:
+    """Runs an OpenCV image function so that the result has the input's dtype and ndim.
+
+    uint8, uint16, float32 and float64 go to OpenCV as they are; other dtypes (int16, int32,
+    ...) go as float32 and come back rounded and clipped to the dtype's range (OpenCV's
+    fixed-point interpolation of int16 is off by tens of units). A channel axis OpenCV drops
+    is restored.
+
+    Args:
+      arr: (H, W) or (H, W, C) array.
+      cv2_fn: function of one array returning the OpenCV result.
+
+    Returns:
+      The result with ``arr``'s dtype and number of dimensions.
+    """
+    native = arr.dtype in (np.uint8, np.uint16, np.float32, np.float64)
+    out = _restore_channels(cv2_fn(arr if native else arr.astype(np.float32)), arr)
+    if not native:
+        if np.issubdtype(arr.dtype, np.integer):
+            info = np.iinfo(arr.dtype)
+            out = np.clip(np.rint(out), info.min, info.max)
+        out = out.astype(arr.dtype)
+    return out
+
+
+def warp_affine(image, mask, points, matrix, *, border_mode: str = "constant", fill_value=0):
+    """Applies one 2x3 affine matrix to an image (linear), mask (nearest) and points.
+
+    The output has the input's size. Pixels mapped from outside the input are filled by
+    ``border_mode``: "constant" (the image gets ``fill_value``, the mask 0), "nearest"
+    (the edge pixel is repeated, ``aaa|abcd|ddd``), "reflect" (mirrored with the edge
+    pixel repeated, ``cba|abcd|dcb``) or "wrap" (periodic, ``bcd|abcd|abc``), the
+    patterns of Keras' ``fill_mode``; the mask follows the same mode except in
+    "constant", where it is always 0.
+
+    Args:
+      image: (H, W, C) or (H, W) image; uint8, int16, float32 and other numeric dtypes.
       mask: (H, W, 1) uint8 mask, or None.
       points: None or (N, 2) float32 (x, y) keypoints.
       matrix: 2x3 affine map from input to output pixel coordinates.
+      border_mode: one of "constant", "nearest", "reflect", "wrap".
+      fill_value: image value outside the input in "constant" mode (e.g. -1024 HU for
+        air in a CT slice).
 
     Returns:
       Tuple (image, mask, points) with the same shapes and dtypes (None stays None).
+
+    Raises:
+      ValueError: for an unknown ``border_mode`` or a mask of another height/width.
     """
+    if border_mode not in BORDER_MODES:
+        raise ValueError(f"border_mode={border_mode!r} is not one of {sorted(BORDER_MODES)}")
+    border = BORDER_MODES[border_mode]
     image = np.asarray(image)
     h, w = image.shape[:2]
     m = np.asarray(matrix, np.float64)
 
-    def warp(arr, interp):
-        out = cv2.warpAffine(
-            arr,
-            m,
-            (w, h),
-            flags=interp,
-            borderMode=cv2.BORDER_CONSTANT,
-            borderValue=0,
-        )
-        return _restore_channels(out, arr)
-
-    out_image = warp(image, cv2.INTER_LINEAR)
+    out_image = _warp(image, m, cv2.INTER_LINEAR, border, fill_value)
     out_mask = None
     if mask is not None:
         mask = np.asarray(mask)
         if mask.shape[:2] != (h, w):
             raise ValueError(f"mask shape {mask.shape} does not match image {image.shape}")
-        out_mask = warp(mask, cv2.INTER_NEAREST)
+        out_mask = _warp(mask, m, cv2.INTER_NEAREST, border, 0)
     return out_image, out_mask, _transform_points(_as_points(points), m)
 
 
@@ -267,6 +387,8 @@ def random_affine(
     max_rotate_deg: float = 15.0,
     scale_range=(0.9, 1.1),
     max_shift_frac: float = 0.05,
+    border_mode: str = "constant",
+    fill_value=0,
 ):
     """Random flip + rotation + scale + shift, applied as ONE affine warp to all inputs.
 
@@ -284,6 +406,8 @@ def random_affine(
       max_rotate_deg: largest absolute rotation in degrees.
       scale_range: (low, high) zoom factors.
       max_shift_frac: largest shift as a fraction of width (x) and height (y).
+      border_mode: how pixels from outside the input are filled, see `warp_affine`.
+      fill_value: image value outside the input in "constant" mode.
 
     Returns:
       Tuple (image, mask, points) as from `warp_affine`.
@@ -296,7 +420,7 @@ def random_affine(
     u, v = rng.uniform(-1.0, 1.0, size=2)
     shift = (float(u) * max_shift_frac * w, float(v) * max_shift_frac * h)
     matrix = affine_matrix(image.shape, flip=flip, angle_deg=angle, scale=scale, shift=shift)
-    return warp_affine(image, mask, points, matrix)
+    return warp_affine(image, mask, points, matrix, border_mode=border_mode, fill_value=fill_value)
 
 
 def random_brightness_contrast(

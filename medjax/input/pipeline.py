@@ -85,6 +85,22 @@ class GlobalOrderSource:
         return position, self.source[int(self._permutation[1][k])]
 
 
+class Subset:
+    """The records `indices` of a random-access source, itself random access (picklable)."""
+
+    def __init__(self, source, indices: Sequence[int]):
+        self.source, self.indices = source, [int(i) for i in indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.source[self.indices[int(i)]]
+
+    def __repr__(self) -> str:
+        return f"Subset({len(self.indices)} of {len(self.source)})"
+
+
 class _PrepareTrainExample(grain.MapTransform):
     """Deterministic preprocessing, then augmentation seeded by the example's global position
     (picklable when the functions are module-level functions or partials of them)."""

@@ -30,6 +30,12 @@ def _echonet(config: Any):
     return EchonetEF(config)
 
 
+def _ich(config: Any):
+    from medjax.tasks.ich import IchSegmentation
+
+    return IchSegmentation(config)
+
+
 # The metrics medjax.main prints after evaluation, where a task reports them.
 HEADLINE_METRICS = (
     "dice",
@@ -49,11 +55,17 @@ HEADLINE_METRICS = (
     "dice_overall",
     "dice_ed",
     "dice_es",  # LV segmentation
+    "dice_positive_slices",
+    "dice_pooled",
+    "iou_pooled",
+    "pixel_auc",
+    "slice_auc",  # ICH
 )
 
 TASKS = {
     "crl": _crl,
     "echonet": _echonet,
+    "ich": _ich,
 }
 
 

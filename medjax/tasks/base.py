@@ -111,7 +111,16 @@ class Task(abc.ABC):
         """Writes pictures of (example, host fields, prediction) samples; returns the paths."""
         return []
 
-    def write_evaluation(self, out_dir: str, split: str, gathered: Mapping[str, np.ndarray]):
+    def write_evaluation(
+        self,
+        out_dir: str,
+        split: str,
+        gathered: Mapping[str, np.ndarray],
+        variables: Variables | None = None,
+    ):
         """Writes files made from all of a split's gathered per-example values (prediction
-        tables, plots over the whole split); returns the paths. Default: none."""
+        tables, plots over the whole split); returns the paths. Default: none.
+
+        `variables` (the evaluated model's, when given) lets a task predict again on chosen
+        examples, e.g. to picture its worst and best cases. Called on process 0 only."""
         return []

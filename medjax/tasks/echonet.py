@@ -25,7 +25,6 @@ are left out of segmentation.
 
 from __future__ import annotations
 
-import csv
 import functools
 import json
 import math
@@ -48,22 +47,6 @@ _BOOTSTRAP_SEED = 0
 
 
 # ============================================================================ data
-class _Subset:
-    """The records `indices` of a random-access source, itself random access (picklable)."""
-
-    def __init__(self, source, indices: Sequence[int]):
-        self.source, self.indices = source, [int(i) for i in indices]
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int):
-        return self.source[self.indices[int(i)]]
-
-    def __repr__(self) -> str:
-        return f"_Subset({len(self.indices)} of {len(self.source)})"
-
-
 class _TracedFrames:
     """Each traced video as two records, its large (ED) and small (ES) traced frame."""
 
@@ -412,7 +395,7 @@ class EchonetEF(EchonetData, Task):
         d = self.config.data
         cfg = {k: d[k] for k in ("clip_length", "clip_period", "frame_size", "pad")}
         return pipeline.train_loader(
-            _Subset(self.source("train"), self.labelled("train")),
+            pipeline.Subset(self.source("train"), self.labelled("train")),
             preprocess=_ef_train_preprocess,
             augment=functools.partial(_ef_augment, cfg=cfg),
             batch_size=batch_size,
@@ -472,25 +455,33 @@ class EchonetEF(EchonetData, Task):
     def num_examples(self, split):
         return len(self.labelled(split))
 
-    def write_evaluation(self, out_dir: str, split: str, gathered: dict) -> list[str]:
+    def write_evaluation(
+        self, out_dir: str, split: str, gathered: dict, variables=None
+    ) -> list[str]:
         """Per-video predictions CSV, scatter, Bland-Altman and ROC plots."""
         per_video = group_clip_predictions(gathered)
         names = self.index()[split]["filename"]
         os.makedirs(out_dir, exist_ok=True)
         csv_path = os.path.join(out_dir, "predictions.csv")
-        tmp = csv_path + ".tmp"
-        with open(tmp, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["FileName", "EF", "EF_pred_all_clips", "EF_pred_one_clip", "clips"])
-            for v, y, p_all, p_one, n in zip(
-                per_video["video_index"],
-                per_video["ef"],
-                per_video["pred_all"],
-                per_video["pred_single"],
-                per_video["num_clips"],
-            ):
-                writer.writerow([names[int(v)], f"{y:.4f}", f"{p_all:.4f}", f"{p_one:.4f}", n])
-        os.replace(tmp, csv_path)
+        writers.write_csv(
+            csv_path,
+            [
+                {
+                    "FileName": names[int(v)],
+                    "EF": f"{y:.4f}",
+                    "EF_pred_all_clips": f"{p_all:.4f}",
+                    "EF_pred_one_clip": f"{p_one:.4f}",
+                    "clips": n,
+                }
+                for v, y, p_all, p_one, n in zip(
+                    per_video["video_index"],
+                    per_video["ef"],
+                    per_video["pred_all"],
+                    per_video["pred_single"],
+                    per_video["num_clips"],
+                )
+            ],
+        )
         y, p = per_video["ef"], per_video["pred_all"]
         paths = [csv_path]
         path = os.path.join(out_dir, "ef_scatter.png")
