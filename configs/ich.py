@@ -79,9 +79,13 @@ def get_config(arg=None):
         config.model.output_stride = 8
         config.model.aspp_channels = 64  # 256 for torchvision's model.
         config.model.dropout_rate = 0.1
+        # DeepLabv3+'s decoder (the project's "two branches"); 0: torchvision's DeepLabv3 head.
+        config.model.decoder_channels = 32  # 256 in the paper.
+        config.model.low_level_channels = 16  # 48 in the paper.
 
     config.loss = ml_collections.ConfigDict()
     config.loss.dice_weight = 1.0
+    config.loss.dice_over_batch = True  # One soft Dice over the batch: most slices are empty.
     config.loss.bce_weight = 1.0 if variants.loss == "dice_bce" else 0.0
     config.loss.focal_weight = 0.0 if variants.loss == "dice_bce" else 10.0
     config.loss.focal_alpha = 0.75  # Weight of hemorrhage pixels in the focal term.
@@ -120,6 +124,8 @@ def get_config(arg=None):
             config.model.depth = 2
         else:
             config.model.aspp_channels = 8
+            config.model.decoder_channels = 8
+            config.model.low_level_channels = 4
         config.train.steps = 6
         config.train.batch_size = 8
         config.train.warmup_steps = 2

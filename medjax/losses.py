@@ -53,24 +53,30 @@ def sigmoid_binary_cross_entropy(logits, targets) -> jnp.ndarray:
     return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, targets))
 
 
-def soft_dice_loss(logits, targets, smooth: float = 1.0) -> jnp.ndarray:
+def soft_dice_loss(
+    logits, targets, smooth: float = 1.0, *, over_batch: bool = False
+) -> jnp.ndarray:
     """Soft Dice loss 1 - (2 Σ p t + smooth) / (Σ p + Σ t + smooth), with p = sigmoid.
 
     Sums run over all non-batch axes of each sample; the per-sample losses are then
     averaged over the batch. ``smooth`` keeps empty targets well defined (an empty
-    target with an all-background prediction gives a loss near 0).
+    target with an all-background prediction gives a loss near 0). With ``over_batch``
+    the sums run over the whole batch instead (one Dice of all its pixels): when most
+    samples have an empty target (CT slices without hemorrhage), their per-sample terms
+    would otherwise pull every prediction towards empty.
 
     Args:
       logits: raw scores, shape (B, ...).
       targets: values in [0, 1], same shape.
       smooth: additive smoothing in numerator and denominator.
+      over_batch: one Dice over all pixels of the batch rather than a mean of per-sample ones.
 
     Returns:
       float32 scalar.
     """
     logits, targets = _as_float32(logits, targets)
     probs = jax.nn.sigmoid(logits)
-    axes = tuple(range(1, logits.ndim))
+    axes = tuple(range(0 if over_batch else 1, logits.ndim))
     inter = jnp.sum(probs * targets, axis=axes)
     total = jnp.sum(probs, axis=axes) + jnp.sum(targets, axis=axes)
     dice = (2.0 * inter + smooth) / (total + smooth)
@@ -128,15 +134,16 @@ def segmentation_loss(logits, targets, cfg) -> jnp.ndarray:
     Args:
       logits: raw scores, shape (B, ...).
       targets: values in [0, 1], same shape.
-      cfg: mapping with ``dice_weight``, ``bce_weight`` and optionally ``focal_weight``,
-        ``focal_alpha``, ``focal_gamma`` (a term with weight 0 is not computed).
+      cfg: mapping with ``dice_weight``, ``bce_weight`` and optionally ``dice_over_batch``
+        (see `soft_dice_loss`), ``focal_weight``, ``focal_alpha``, ``focal_gamma`` (a focal
+        term with weight 0 is not computed).
 
     Returns:
       float32 scalar.
     """
-    total = dice_bce_loss(
-        logits, targets, dice_weight=cfg["dice_weight"], bce_weight=cfg["bce_weight"]
-    )
+    total = cfg["dice_weight"] * soft_dice_loss(
+        logits, targets, over_batch=cfg.get("dice_over_batch", False)
+    ) + cfg["bce_weight"] * sigmoid_binary_cross_entropy(logits, targets)
     focal_weight = cfg.get("focal_weight", 0.0)
     if focal_weight:
         total = total + focal_weight * sigmoid_focal_loss(

@@ -92,9 +92,7 @@ def test_strip_banner_removes_the_text():
     scene = synthetic.make_scene(rng, 256)
     development = synthetic.simulate(rng, "liveborn")
     with_text = synthetic.draw_frame(scene, development, 77.7, np.random.default_rng(1))
-    plain = synthetic.draw_frame(
-        scene, development, 77.7, np.random.default_rng(1), banner=False
-    )
+    plain = synthetic.draw_frame(scene, development, 77.7, np.random.default_rng(1), banner=False)
     stripped = embryo.strip_banner(with_text)
     band = int(embryo.BANNER_BAND * 256)
     rows = np.r_[0:band, 256 - band : 256]

@@ -7,6 +7,7 @@ import csv
 import glob
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -19,19 +20,31 @@ from tests.conftest import REPO, load_config
 
 ICH_CONFIG = os.path.join(REPO, "configs", "ich.py")
 COMMON = dict(
-    data__synthetic_num=14,
-    data__preprocess="resize(48)|window(brain,subdural,bone)",
+    data__synthetic_num=18,
+    data__preprocess="resize(64)|window(brain,subdural,bone)",
     train__batch_size=16,
     train__warmup_steps=20,
-    train__eval_every=100,
-    train__checkpoint_every=100,
     train__learning_rate=3e-3,
     eval__batch_size=32,
     eval__num_plot=3,
 )
 MODEL_OVERRIDES = {
-    "unet": dict(model__width=8, model__depth=3, train__steps=300),
-    "deeplabv3": dict(model__width=8, model__aspp_channels=16, train__steps=300),
+    "unet": dict(
+        model__width=16,
+        model__depth=4,
+        train__steps=300,
+        train__eval_every=150,
+        train__checkpoint_every=150,
+    ),
+    "deeplabv3": dict(
+        model__width=8,
+        model__aspp_channels=16,
+        model__decoder_channels=16,
+        model__low_level_channels=8,
+        train__steps=800,
+        train__eval_every=400,
+        train__checkpoint_every=400,
+    ),
 }
 
 
@@ -53,7 +66,9 @@ def experiment(tmp_path_factory):
         config = model_config(model, data_dir)
         workdir = str(root / model)
         train.train_and_evaluate(config, workdir)
-        runs[model] = (workdir, evaluate.evaluate_checkpoint(config, workdir, split="test"))
+        # The validation split (3 patients) is too small to pick a checkpoint by.
+        result = evaluate.evaluate_checkpoint(config, workdir, checkpoint="latest", split="test")
+        runs[model] = (workdir, result)
     return data_dir, runs
 
 
@@ -89,7 +104,7 @@ def test_evaluation_writes_tables_and_pictures(experiment):
         assert os.path.getsize(os.path.join(out, name)) > 1000, name
 
 
-def test_compare_prints_both_models(experiment, capsys):
+def test_compare_prints_both_models(experiment, tmp_path):
     _, runs = experiment
     table = compare.compare([runs["unet"][0], runs["deeplabv3"][0]])
     lines = table.strip().splitlines()
@@ -97,8 +112,13 @@ def test_compare_prints_both_models(experiment, capsys):
     assert lines[2].startswith("| unet |") and lines[3].startswith("| deeplabv3 |")
     value = float(lines[2].split("|")[lines[0].split("|").index(" iou_pooled ")])
     assert value == pytest.approx(runs["unet"][1]["iou_pooled"], abs=5e-4)
-    with pytest.raises(compare.CompareError, match="evaluate it first"):
+    with pytest.raises(compare.CompareError, match="no config.json"):
         compare.compare([os.path.dirname(runs["unet"][0])])
+    unevaluated = tmp_path / "unevaluated"
+    unevaluated.mkdir()
+    shutil.copy(os.path.join(runs["unet"][0], "config.json"), unevaluated)
+    with pytest.raises(compare.CompareError, match="evaluate it first"):
+        compare.compare([str(unevaluated)])
 
 
 def test_predict_on_a_nifti_volume_finds_its_hemorrhage(experiment, tmp_path):
@@ -115,7 +135,7 @@ def test_predict_on_a_nifti_volume_finds_its_hemorrhage(experiment, tmp_path):
             break
     assert truth is not None
     scan = os.path.join(raw, "ct_scans", f"{patient}.nii")
-    (report,) = ich.predict_ct_files(workdir, [scan], str(tmp_path))
+    (report,) = ich.predict_ct_files(workdir, [scan], str(tmp_path), checkpoint="latest")
     assert len(report["slices"]) == truth.shape[-1]
     labels = truth.reshape(-1, truth.shape[-1]).any(axis=0)
     scores = [s["p_hemorrhage"] for s in report["slices"]]
@@ -130,7 +150,7 @@ def test_web_page_serves_the_trained_model(experiment, tmp_path):
     from medjax import serve
 
     _, runs = experiment
-    predictor = ich.IchPredictor(runs["unet"][0])
+    predictor = ich.IchPredictor(runs["unet"][0], checkpoint="latest")
     hu = np.full((40, 40, 1), -1000.0, np.float32)
     path = tmp_path / "slice.nii"
     ct.write_nifti_volume(str(path), hu, pixel_spacing_mm=(0.5, 0.5), slice_spacing_mm=5.0)
@@ -157,7 +177,7 @@ def test_kfold_by_subject_partitions_patients(experiment):
         assert not groups["validation"] & (groups["train"] | groups["test"])
         seen_test.append(groups["test"])
     everyone = set().union(*seen_test)
-    assert sum(len(t) for t in seen_test) == len(everyone) == 14
+    assert sum(len(t) for t in seen_test) == len(everyone) == 18
     with pytest.raises(ValueError, match="fold=3"):
         tasks.get_task(model_config("unet", data_dir, data__num_folds=3, data__fold=3)).records(
             "test"

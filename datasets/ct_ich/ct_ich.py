@@ -44,8 +44,9 @@ Splits `train`/`validation`/`test` are by patient and deterministic: the patient
 scan, a mask file for the NIfTI layout, and CSV rows) are ordered by a salted SHA-256 of their
 number (a fixed-seed shuffle that needs no RNG), the last 20 % (at least one) are `test`, and of
 the rest the last 20 % (at least one) are `validation`, as the project did (80/20 then 80/20).
-At least 3 patients are needed. `builder.info.metadata["build_summary"]["patients"]` lists each
-split's patient ids (for k-fold by patient, done by the training config).
+At least 3 patients are needed. `builder.info.metadata["build_summary"]["patients"]` lists the
+ids of the patients each split holds slices of (for k-fold by patient, done by the training
+config).
 
 Offline augmentation. With `offline_augment_copies=N > 0` (`--option offline_augment_copies=N`)
 a split `train_augmented` holds every train slice plus N copies of each train slice with
@@ -59,13 +60,15 @@ Problems are reported, not guessed, and counted in a build summary that is logge
 ends and stored in `builder.info.metadata["build_summary"]`:
   * a malformed CSV (missing column, a non-integer value, a label other than 0/1, a duplicate
     (PatientNumber, SliceNumber)) raises `CtIchDataError` naming the file, line and column;
-  * a slice without a CSV row is left out; a CSV row without a slice is ignored; both counted;
+  * a slice without a CSV row is left out (a patient with no row at all is listed as "NNN/*");
+    a CSV row without a slice is ignored; both counted;
   * a patient whose mask file is missing is left out (no mask is invented);
   * a corrupt or truncated NIfTI file: its patient is left out (the others are built, and
     keep their splits); an unreadable JPG: that slice is left out;
   * scan and mask of different shapes: that patient (NIfTI) or slice (JPG) is left out;
   * a non-empty mask with No_Hemorrhage = 1, or hemorrhage labels with an empty mask: kept as
-    labelled (the real data has a few) and counted.
+    labelled (the real data has a few) and counted;
+  * a split left without any readable slice stops the build with `CtIchDataError`.
 """
 
 import csv
@@ -179,8 +182,10 @@ class BuildSummary:
             ("unreadable files (patient or slice skipped)", self.unreadable_files),
             ("scan and mask of different shapes (skipped)", self.shape_mismatches),
             ("slices with a mask but No_Hemorrhage=1 (kept)", self.mask_without_hemorrhage_label),
-            ("slices labelled hemorrhage with an empty mask (kept)",
-             self.hemorrhage_label_without_mask),
+            (
+                "slices labelled hemorrhage with an empty mask (kept)",
+                self.hemorrhage_label_without_mask,
+            ),
             ("files not in the layout (ignored)", self.ignored_files),
         ]
 
@@ -256,9 +261,7 @@ def read_diagnosis(path: str) -> Diagnosis:
                     f"{path}, line {line}, column SliceNumber: patient {key[0]} slice {key[1]} "
                     f"already appears on line {diagnosis[key].line}; remove the duplicate row."
                 )
-            diagnosis[key] = SliceLabels(
-                line, {c: values[c] for c in LABEL_COLUMNS}
-            )
+            diagnosis[key] = SliceLabels(line, {c: values[c] for c in LABEL_COLUMNS})
     return diagnosis
 
 
@@ -479,9 +482,7 @@ class CtIch(tfds.core.GeneratorBasedBuilder):
         summary = BuildSummary(layout=layout)
         patients = find_patients(manual_dir, layout, summary)
         listed = {number for number, _ in diagnosis}
-        present = {p.number for p in patients} | {
-            int(p) for p in summary.patients_without_mask
-        }
+        present = {p.number for p in patients} | {int(p) for p in summary.patients_without_mask}
         summary.csv_rows_without_slice.extend(
             f"{number:03d}/{slice_number}"
             for number, slice_number in diagnosis
@@ -501,20 +502,19 @@ class CtIch(tfds.core.GeneratorBasedBuilder):
         }
         if self._offline_augment_copies:
             splits["train_augmented"] = splits["train"]
-        summary.patients = {
-            name: [p.patient_id for p in split] for name, split in splits.items()
-        }
         pending = set(splits)
 
         def generate(name: str, split: list[Patient]):
             augment = name == "train_augmented"
             # The augmented split re-reads the train patients: count their problems once.
             record = BuildSummary() if augment else summary
-            count = 0
-            for example in self._generate_examples(split, layout, diagnosis, record, augment):
+            count, patient_ids = 0, set()
+            for key, example in self._generate_examples(split, layout, diagnosis, record, augment):
                 count += 1
-                yield example
+                patient_ids.add(example["patient_id"])
+                yield key, example
             summary.examples[name] = count
+            summary.patients[name] = sorted(patient_ids)
             if not count:
                 raise CtIchDataError(
                     f"No slice of the {name} split could be read; see the errors logged above."
@@ -548,9 +548,7 @@ class CtIch(tfds.core.GeneratorBasedBuilder):
                     for copy in range(1, self._offline_augment_copies + 1):
                         yield self._augmented(patient, key, example, copy)
 
-    def _augmented(
-        self, patient: Patient, key: str, example: dict, copy: int
-    ) -> tuple[str, dict]:
+    def _augmented(self, patient: Patient, key: str, example: dict, copy: int) -> tuple[str, dict]:
         rng = np.random.default_rng([AUGMENT_SEED, patient.number, example["slice_number"], copy])
         image, mask, _ = random_affine(
             example["image"],
@@ -672,8 +670,7 @@ def _jpg_slice_numbers(patient: Patient, summary: BuildSummary) -> list[int]:
         elif not name.startswith("."):
             summary.ignored_files.append(f"{JPG_DIR}/{patient.patient_id}/brain/{name}")
     summary.ignored_files.extend(
-        f"{JPG_DIR}/{patient.patient_id}/brain/{n}{SEG_SUFFIX}.jpg"
-        for n in sorted(segs - numbers)
+        f"{JPG_DIR}/{patient.patient_id}/brain/{n}{SEG_SUFFIX}.jpg" for n in sorted(segs - numbers)
     )
     return sorted(numbers)
 

@@ -207,9 +207,7 @@ def sulci_mask(head: _Head, geom: _Slice, widen: float = 1.0) -> np.ndarray:
     return mask
 
 
-def _lesion_region(
-    kind: str, head: _Head, geom: _Slice, params: dict, growth: float
-) -> np.ndarray:
+def _lesion_region(kind: str, head: _Head, geom: _Slice, params: dict, growth: float) -> np.ndarray:
     """The bool pixels of lesion `kind` on one slice; `growth` in (0, 1] scales its size."""
     inside = geom.brain_depth
     brain = inside >= 0
@@ -234,9 +232,10 @@ def _lesion_region(
         return brain & disk
     if kind == "subdural":
         off = np.abs(_wrap(head.angle - params["angle"])) / params["half_width"]
-        thick = max(1.5, params["thick"] * size * growth) * np.cos(
-            np.clip(off, 0, 1) * np.pi / 2
-        ) ** 0.6
+        thick = (
+            max(1.5, params["thick"] * size * growth)
+            * np.cos(np.clip(off, 0, 1) * np.pi / 2) ** 0.6
+        )
         return brain & (off < 1.0) & (inside < thick)
     if kind == "subarachnoid":
         off = np.abs(_wrap(head.angle - params["angle"])) / (params["half_width"] * growth)
@@ -259,7 +258,7 @@ def _sample_lesion(rng: np.random.Generator, kind: str, num_slices: int) -> dict
     else:
         middle = int(rng.integers(int(0.3 * num_slices), int(0.72 * num_slices) + 1))
     start = max(0, min(num_slices - length, middle - length // 2))
-    params = {"slices": range(start, start + length), "hu": rng.uniform(60.0, 82.0)}
+    params = {"slices": range(start, start + length), "hu": rng.uniform(62.0, 82.0)}
     angle = rng.uniform(-np.pi, np.pi)
     if kind == "intraparenchymal":
         direction = rng.uniform(-np.pi, np.pi)
@@ -272,9 +271,7 @@ def _sample_lesion(rng: np.random.Generator, kind: str, num_slices: int) -> dict
     elif kind == "epidural":
         params.update(angle=angle, thick=rng.uniform(0.04, 0.08), radius=rng.uniform(0.14, 0.22))
     elif kind == "subdural":
-        params.update(
-            angle=angle, thick=rng.uniform(0.02, 0.045), half_width=rng.uniform(0.5, 1.1)
-        )
+        params.update(angle=angle, thick=rng.uniform(0.02, 0.045), half_width=rng.uniform(0.5, 1.1))
     elif kind == "subarachnoid":
         params.update(angle=angle, half_width=rng.uniform(0.4, 0.9), hu=rng.uniform(58.0, 75.0))
     else:
@@ -349,7 +346,7 @@ def draw_patient(
                 grown = cv2.dilate(region.astype(np.uint8), np.ones((3, 3), np.uint8), iterations=2)
                 rim = grown.astype(bool) & ~region & ~blood & (geom.brain_depth >= 0)
                 plane[rim] = 17.0
-            plane[region] = np.clip(params["hu"] + 5.0 * field[region], 55.0, 90.0)
+            plane[region] = np.clip(params["hu"] + 3.0 * field[region], 55.0, 90.0)
             blood |= region
             row[SUBTYPES[kind]] = 1
         row["No_Hemorrhage"] = int(not blood.any())

@@ -18,11 +18,17 @@ Features of one example (one embryo video):
     circle        (3,) float32       zona centre x, y and radius in the original frame's pixels
     localization  string             how the circle was found: hough, contour or centre
 
+Build options (`BUILD_OPTIONS`, defaults in `DEFAULT_OPTIONS`): frame_size, max_frames,
+max_hours, min_frames, allow_unlabelled, given as `medjax.data.build(..., frame_size=96)` or
+`python -m medjax.data build embryo_timelapse ... --option frame_size=96`.
+
 Read back with `builder.as_data_source(split)`: strings come back as `bytes`, scalars as Python
 numbers, tensors as numpy arrays. Frame tensors have a dynamic shape, so builds with different
 `frame_size` read back alike.
 
-Layout. `embryo_dataset/<video>/*RUN<k>.jpeg` holds the central focal plane (the public set's
+Layout. The public set has 704 videos of 500x500 gray JPEG frames, one every 10-20 minutes
+over 5-7 days, with the time and well number burned in. `embryo_dataset/<video>/*RUN<k>.jpeg`
+holds the central focal plane (the public set's
 six other planes, `embryo_dataset_F<z>`, are not read); files directly in the video folder
 whose names end in RUN<k>.jpeg or .jpg are frames, k sorted numerically (RUN2 before RUN10);
 other files and sub-folders (some public videos hold a duplicate sub-folder) are ignored and
@@ -62,8 +68,8 @@ and no numpy version) and cut about 70/15/15 % train/validation/test, validation
 getting at least one patient each when there are three or more such patients. Empty splits are
 left out.
 
-Problems. A truncated JPEG (one that does not end with the FFD9 end-of-image marker: OpenCV
-decodes such files partially with only a warning) or an undecodable one is reported by name
+Problems. A truncated JPEG (one that does not end with the FFD9 end-of-image marker, checked
+before decoding: some OpenCV builds decode such a file partially with only a warning) or an undecodable one is reported by name
 and left out; so are frames of another size than the video's others, and frames without a
 time. A video without a time-elapsed file, or whose times decrease with the frame number, or
 with two files for one frame number, is reported and left out (time matters for the

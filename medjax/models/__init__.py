@@ -48,7 +48,28 @@ def _r2plus1d_ef(**kwargs: Any) -> nn.Module:
     return EFRegressor(**kwargs)
 
 
+def _convlstm(**kwargs: Any) -> nn.Module:
+    from medjax.models.convlstm import ConvLSTMClassifier
+
+    return ConvLSTMClassifier(**kwargs)
+
+
+def _inception_v3(**kwargs: Any) -> nn.Module:
+    from medjax.models.inception import InceptionV3
+
+    return InceptionV3(**kwargs)
+
+
+def _cnn_rnn(**kwargs: Any) -> nn.Module:
+    from medjax.models.inception import CnnRnnClassifier
+
+    return CnnRnnClassifier(**kwargs)
+
+
 MODELS = {
+    "cnn_rnn": _cnn_rnn,
+    "convlstm": _convlstm,
+    "inception_v3": _inception_v3,
     "deeplabv3": _deeplabv3,
     "heatmap_resnet": _heatmap_resnet,
     "r2plus1d_ef": _r2plus1d_ef,
@@ -68,9 +89,11 @@ def pretrained_name(model_config: Any) -> str:
         return f"resnet{model_config.depth}"
     if name.startswith(("resnet", "vgg")):
         return name
+    if name in ("inception_v3", "cnn_rnn"):
+        return "inception_v3"
     raise ValueError(
         f"config.model.init_from is set, but {name!r} has no ImageNet counterpart; "
-        "pretrained weights load into the VGG and ResNet models only."
+        "pretrained weights load into the VGG, ResNet and InceptionV3 models only."
     )
 
 

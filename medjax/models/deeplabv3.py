@@ -13,6 +13,12 @@ EchoNet-Dynamic, there with a one-channel last layer), NHWC:
 - bilinear up-sampling of the logits to the input size (half-pixel centres, as PyTorch's
   ``align_corners=False``).
 
+With ``decoder_channels > 0`` the head is DeepLabv3+'s (Chen et al., 2018) instead, a second
+branch from the encoder: the ASPP output is up-sampled to the stride-4 features of layer1,
+concatenated with their 1x1 projection to ``low_level_channels`` (batch norm, ReLU), then two
+3x3 convs of ``decoder_channels`` (batch norm, ReLU) and the 1x1 classifier. It recovers the
+small structures (thin bleeds, a few pixels wide) that the stride-8 head blurs away.
+
 The backbone is the submodule ``backbone``, so ImageNet ResNet weights load into it with
 `medjax.models.pretrained` (``config.model.init_from``).
 """
@@ -91,6 +97,9 @@ class DeepLabV3(nn.Module):
       aspp_channels: channels of the ASPP branches and the head (256 standard).
       num_classes: output logit channels (1 for a binary mask).
       dropout_rate: dropout after the ASPP projection (0.5 standard).
+      decoder_channels: 0 for DeepLabv3's head; > 0 for DeepLabv3+'s decoder of this width
+        (256 in the paper).
+      low_level_channels: the decoder's projection of the layer1 features (48 in the paper).
       dtype: computation dtype; logits come back in float32.
     """
 
@@ -101,6 +110,8 @@ class DeepLabV3(nn.Module):
     aspp_channels: int = 256
     num_classes: int = 1
     dropout_rate: float = 0.5
+    decoder_channels: int = 0
+    low_level_channels: int = 48
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -108,19 +119,32 @@ class DeepLabV3(nn.Module):
         """Maps images (B, H, W, C) to float32 logits (B, H, W, num_classes)."""
         if self.output_stride not in _DILATION:
             raise ValueError(f"DeepLabV3 output_stride={self.output_stride} is not 8 or 16")
-        features = ResNet(
+        feature_maps = ResNet(
             depth=self.depth,
             width=self.width,
             replace_stride_with_dilation=_DILATION[self.output_stride],
             dtype=self.dtype,
             name="backbone",
-        )(x, train=train)["c5"]
+        )(x, train=train)
         rates = tuple(self.aspp_rates) or DEFAULT_RATES[self.output_stride]
         y = ASPP(rates, self.aspp_channels, self.dropout_rate, self.dtype, name="aspp")(
-            features, train=train
+            feature_maps["c5"], train=train
         )
-        y = _conv(self.aspp_channels, 3, 1, self.dtype, "head_conv")(y)
-        y = nn.relu(batch_norm(train, self.dtype, "head_bn")(y))
+        if self.decoder_channels:
+            low = _conv(self.low_level_channels, 1, 1, self.dtype, "decoder_low_conv")(
+                feature_maps["c2"]
+            )
+            low = nn.relu(batch_norm(train, self.dtype, "decoder_low_bn")(low))
+            y = jax.image.resize(
+                y, low.shape[:3] + (y.shape[-1],), method="bilinear", antialias=False
+            )
+            y = jnp.concatenate([y, low.astype(y.dtype)], axis=-1)
+            for i in range(2):
+                y = _conv(self.decoder_channels, 3, 1, self.dtype, f"decoder_conv{i}")(y)
+                y = nn.relu(batch_norm(train, self.dtype, f"decoder_bn{i}")(y))
+        else:
+            y = _conv(self.aspp_channels, 3, 1, self.dtype, "head_conv")(y)
+            y = nn.relu(batch_norm(train, self.dtype, "head_bn")(y))
         logits = nn.Conv(
             self.num_classes, (1, 1), dtype=jnp.float32, param_dtype=jnp.float32, name="classifier"
         )(y.astype(jnp.float32))

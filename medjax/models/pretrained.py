@@ -1,4 +1,4 @@
-"""Imports ImageNet weights from a LOCAL file into the medjax ResNet and VGG modules.
+"""Imports ImageNet weights from a LOCAL file into the medjax ResNet, VGG and InceptionV3 models.
 
 Nothing is ever downloaded: the caller passes the path of a file it already has.
 
@@ -9,12 +9,12 @@ Formats (chosen by the file extension):
 - ``.npz``: ``numpy.savez`` of a torchvision state dict, with torchvision's key names;
 - ``.safetensors``: a torchvision state dict, parsed here with numpy (8-byte little-endian
   header length, JSON header of name -> dtype/shape/data_offsets, raw little-endian bytes);
-- ``.h5``: Keras applications weights (``VGG16``, ``VGG19``, ``ResNet50``), read with
-  ``h5py``. Keys are reported as ``layer/weight``, e.g. ``block1_conv1/kernel`` for the
+- ``.h5``: Keras applications weights (``VGG16``, ``VGG19``, ``ResNet50``, ``InceptionV3``),
+  read with ``h5py``. Keys are reported as ``layer/weight``, e.g. ``block1_conv1/kernel`` for the
   dataset ``block1_conv1/block1_conv1/kernel:0``.
 
-The mapping is explicit: `resnet_mapping` and `vgg_mapping` list every key of the file
-(torchvision's or Keras') with the Flax variable it fills and the layout change
+The mapping is explicit: `resnet_mapping`, `vgg_mapping` and `inception_mapping` list every key
+of the file (torchvision's or Keras') with the Flax variable it fills and the layout change
 (`WeightMapping`): torch conv weights OIHW -> HWIO, torch linear (out, in) -> (in, out)
 (torchvision's first VGG linear also goes from a C, H, W flattening to the H, W, C one of
 `medjax.models.vgg.VGG`), BatchNorm weight/bias/running_mean/running_var ->
@@ -22,7 +22,9 @@ params scale/bias and batch_stats mean/var (Keras gamma/beta/moving_mean/moving_
 Keras kernels are already HWIO / (in, out). ``num_batches_tracked`` keys are ignored. The
 Keras ResNet50 convs have biases that medjax's ResNet (like torchvision's) does not; each one
 is folded exactly into the moving mean of the BatchNorm that follows
-(BN(conv(x) + b) with mean m is BN(conv(x)) with mean m - b).
+(BN(conv(x) + b) with mean m is BN(conv(x)) with mean m - b). Keras' InceptionV3 BatchNorms have
+no scale (gamma); the Flax scales are set to 1. torchvision's InceptionV3 file also holds the
+auxiliary classifier (``AuxLogits.*``), which medjax's model does not have; it is skipped.
 
 `load_pretrained` checks the file against the model strictly: keys missing from the file,
 keys the mapping does not know and shape mismatches are reported together in one ValueError.
@@ -32,8 +34,8 @@ initialisation and the report says so. A 1-channel model accepts a 3-channel (RG
 the kernel is summed over its input channels, which gives the response of the RGB network to a
 grey image replicated on R, G and B.
 
-The backbone may be the root module (`ResNet`, `VGG`) or a submodule named ``backbone``
-(`ResNetClassifier`, or heads built around a ResNet); other variables of the model (e.g. a
+The backbone may be the root module (`ResNet`, `VGG`, `InceptionV3`) or a submodule named ``backbone``
+(`ResNetClassifier`, `CnnRnnClassifier`, or heads built around a ResNet); other variables of the model (e.g. a
 segmentation or keypoint head) keep their initialisation and are listed in the report.
 
 `backbone_mask` and `make_finetune_optimizer` support a frozen-backbone-then-fine-tune
@@ -65,6 +67,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from medjax.models.inception import INCEPTION_BLOCKS
 from medjax.models.resnet import STAGE_SIZES
 from medjax.models.vgg import BLOCK_CONVS
 
@@ -74,20 +77,23 @@ __all__ = [
     "PRETRAINED_MODELS",
     "resnet_mapping",
     "vgg_mapping",
+    "inception_mapping",
     "read_weight_file",
     "load_pretrained",
     "backbone_mask",
     "make_finetune_optimizer",
 ]
 
-# Model names `load_pretrained` knows; Keras files exist for resnet50, vgg16 and vgg19.
+# Model names `load_pretrained` knows; Keras files exist for resnet50, vgg16, vgg19 and
+# inception_v3.
 PRETRAINED_MODELS = (
     "resnet18",
     "resnet34",
     "resnet50",
     *(f"vgg{depth}{suffix}" for depth in sorted(BLOCK_CONVS) for suffix in ("", "_bn")),
+    "inception_v3",
 )
-_KERAS_MODELS = ("resnet50", "vgg16", "vgg19")
+_KERAS_MODELS = ("resnet50", "vgg16", "vgg19", "inception_v3")
 
 # Layouts of `WeightMapping`.
 CONV = "conv"  # torch OIHW -> Flax HWIO.
@@ -95,6 +101,7 @@ LINEAR = "linear"  # torch (out, in) -> Flax (in, out).
 LINEAR_CHW = "linear_chw"  # LINEAR, and the input goes from C, H, W to H, W, C order.
 SAME = "same"  # Copied as is (norm vectors, Keras kernels).
 FOLD_INTO_MEAN = "fold_into_mean"  # A Keras conv bias subtracted from the target BN mean.
+ONES = "ones"  # No array in the file: the variable is set to 1 (a Keras BN without scale).
 
 # Roles of `WeightMapping`.
 BACKBONE = "backbone"  # Required; the path is relative to the backbone module.
@@ -116,7 +123,8 @@ class WeightMapping:
       target: (collection, *module path, variable name), e.g.
         ``("params", "layer1_0", "conv1", "kernel")``; relative to the backbone module for
         ``role="backbone"``, to the model root otherwise.
-      layout: one of ``CONV``, ``LINEAR``, ``LINEAR_CHW``, ``SAME``, ``FOLD_INTO_MEAN``.
+      layout: one of ``CONV``, ``LINEAR``, ``LINEAR_CHW``, ``SAME``, ``FOLD_INTO_MEAN``,
+        ``ONES`` (nothing is read: the variable is set to 1; ``source_key`` only names it).
       role: ``BACKBONE``, ``CLASSIFIER`` or ``HEAD``.
       first_conv: True for the kernel of the first conv (3 -> 1 channel adaptation).
     """
@@ -423,6 +431,92 @@ def vgg_mapping(
     raise ValueError(f"Unknown weight source {source!r}; expected 'torchvision' or 'keras'")
 
 
+# torchvision's InceptionAux (AuxLogits): file key suffix -> (layout, Flax path under AuxLogits).
+_INCEPTION_AUX = (
+    ("conv0.conv.weight", CONV, ("conv0", "conv", "kernel")),
+    ("conv1.conv.weight", CONV, ("conv1", "conv", "kernel")),
+    ("fc.weight", LINEAR, ("fc", "kernel")),
+    ("fc.bias", SAME, ("fc", "bias")),
+)
+
+
+def inception_mapping(*, source: str = "torchvision") -> list[WeightMapping]:
+    """File key -> Flax variable mapping for `medjax.models.inception.InceptionV3` at any width.
+
+    torchvision names every BasicConv2d by its module path (``Conv2d_1a_3x3.conv.weight``,
+    ``Mixed_5b.branch5x5_1.bn.running_mean``, ...), as the Flax modules are named. Its
+    ImageNet file also holds the auxiliary classifier (``AuxLogits.*``), which the Flax model
+    does not have: those keys are skipped (and reported). Keras' ``InceptionV3`` leaves its
+    layers unnamed, so they are numbered in creation order, which is torchvision's module
+    order: the k-th BasicConv2d is ``conv2d_k`` and ``batch_normalization_k`` (k = 1 .. 94,
+    as in the applications' ``inception_v3_weights_tf_dim_ordering_tf_kernels*.h5``; a file
+    saved by a newer tf.keras that names the first layers ``conv2d`` and
+    ``batch_normalization`` needs its layers renamed). Its BatchNorms have ``scale=False``:
+    no gamma, the Flax scale is set to 1. The class head is ``fc`` / ``predictions``.
+
+    Args:
+      source: ``"torchvision"`` or ``"keras"``.
+
+    Returns:
+      The list of `WeightMapping`; backbone targets are relative to the `InceptionV3`
+      module, the head's to the model root (``head``).
+
+    Raises:
+      ValueError: an unknown source.
+    """
+    mapping = []
+    if source == "torchvision":
+        for index, path in enumerate(INCEPTION_BLOCKS):
+            name = ".".join(path)
+            mapping.append(
+                WeightMapping(
+                    f"{name}.conv.weight",
+                    ("params", *path, "conv", "kernel"),
+                    CONV,
+                    first_conv=index == 0,
+                )
+            )
+            mapping.extend(_torch_norm(f"{name}.bn", (*path, "bn")))
+        for prefix in ("conv0.bn", "conv1.bn"):
+            for entry in _torch_norm(f"AuxLogits.{prefix}", ("AuxLogits", *prefix.split("."))):
+                mapping.append(dataclasses.replace(entry, role=CLASSIFIER))
+        for suffix, layout, path in _INCEPTION_AUX:
+            mapping.append(
+                WeightMapping(
+                    f"AuxLogits.{suffix}",
+                    ("params", "AuxLogits", *path),
+                    layout,
+                    CLASSIFIER,
+                )
+            )
+        mapping += [
+            WeightMapping("fc.weight", ("params", "head", "kernel"), LINEAR, role=HEAD),
+            WeightMapping("fc.bias", ("params", "head", "bias"), SAME, role=HEAD),
+        ]
+        return mapping
+    if source == "keras":
+        for index, path in enumerate(INCEPTION_BLOCKS):
+            conv, norm = f"conv2d_{index + 1}", f"batch_normalization_{index + 1}"
+            mapping += [
+                WeightMapping(
+                    f"{conv}/kernel",
+                    ("params", *path, "conv", "kernel"),
+                    SAME,
+                    first_conv=index == 0,
+                ),
+                WeightMapping(f"{norm} (scale=False: 1)", ("params", *path, "bn", "scale"), ONES),
+                WeightMapping(f"{norm}/beta", ("params", *path, "bn", "bias"), SAME),
+                WeightMapping(f"{norm}/moving_mean", ("batch_stats", *path, "bn", "mean"), SAME),
+                WeightMapping(f"{norm}/moving_variance", ("batch_stats", *path, "bn", "var"), SAME),
+            ]
+        mapping += [
+            WeightMapping("predictions/kernel", ("params", "head", "kernel"), SAME, role=HEAD),
+            WeightMapping("predictions/bias", ("params", "head", "bias"), SAME, role=HEAD),
+        ]
+        return mapping
+    raise ValueError(f"Unknown weight source {source!r}; expected 'torchvision' or 'keras'")
+
+
 def _mapping_for(model_name: str, source: str) -> list[WeightMapping]:
     """The mapping for a model name such as ``"resnet34"`` or ``"vgg16_bn"``.
 
@@ -441,6 +535,8 @@ def _mapping_for(model_name: str, source: str) -> list[WeightMapping]:
             f"model_name={model_name!r} has no weight mapping; known: "
             f"{', '.join(PRETRAINED_MODELS)}"
         )
+    if model_name == "inception_v3":
+        return inception_mapping(source=source)
     family, depth, bn = re.fullmatch(r"(resnet|vgg)(\d+)(_bn)?", model_name).groups()
     depth = int(depth)
     if source == "keras" and model_name not in _KERAS_MODELS:
@@ -865,6 +961,9 @@ def load_pretrained(
             else:
                 absent.append(_path(key))
             continue
+        if entry.layout == ONES:
+            load(entry, key, np.ones(flat[key].shape))
+            continue
         if entry.source_key not in arrays:
             missing.append(entry.source_key)
             continue
@@ -925,7 +1024,18 @@ def load_pretrained(
             )
         raise ValueError("\n".join(problems))
 
-    if source == "keras":
+    if model_name == "inception_v3":
+        report.notes.append(
+            "InceptionV3 weights (torchvision's are ported from TensorFlow) expect RGB scaled "
+            "to [-1, 1] (x / 127.5 - 1)."
+        )
+        if source == "keras":
+            report.notes.append(
+                "Keras InceptionV3 BatchNorms have no scale (set to 1) and its branch average "
+                "pools exclude the padding: build the model with pool_count_include_pad=False "
+                "to reproduce it."
+            )
+    elif source == "keras":
         report.notes.append(
             "Keras weights expect Caffe preprocessing (BGR channel order, ImageNet mean "
             "subtracted, no scaling)."

@@ -18,9 +18,10 @@ edge. The embryo is found as the outer edge of its zona pellucida, a circle, the
    strongest `EDGE_SHARE` of the gradient), the largest of the best supported is taken (cells
    and pronuclei are smaller than the zona; arcs of the well wall are poorly supported).
 4. Fallback when Hough finds nothing: the largest round textured region (local standard
-   deviation, Otsu threshold, a small closing; the convex hull of its outline must have
-   circularity >= `MIN_CIRCULARITY`, fill `MIN_ROUNDNESS` of its enclosing circle and a radius
-   in range), as its centroid and area-equivalent radius.
+   deviation; Otsu threshold, which must be `MIN_TEXTURE_CONTRAST` times the median deviation;
+   a small closing; the convex hull of the outline must have circularity >= `MIN_CIRCULARITY`,
+   fill `MIN_ROUNDNESS` of its enclosing circle and have a radius in range), as its centroid
+   and area-equivalent radius.
    Either rough circle is then moved onto the zona's outer edge: first out to the largest ring
    concentric with it (edges at one radius on most rays from its centre: the zona about a
    round zygote found first), then a circle is fitted, robustly, to the outermost edge near
@@ -56,6 +57,7 @@ HOUGH_CANDIDATES = 40  # Hough circles checked, by votes; the well wall collects
 EDGE_SHARE = 0.12  # Share of the pixels counted as edges when checking a Hough circle.
 MIN_CIRCULARITY = 0.8  # 4 pi area / perimeter^2 of the convex hull of an accepted contour.
 MIN_ROUNDNESS = 0.6  # Its area over that of its smallest enclosing circle.
+MIN_TEXTURE_CONTRAST = 2.0  # Textured pixels: local deviation this many times the median.
 DEFAULT_RADIUS_FRACTION = 0.25
 DEFAULT_MARGIN = 1.15
 METHODS = ("hough", "contour")
@@ -280,8 +282,11 @@ def _contour(image: np.ndarray, r_min: float, r_max: float) -> tuple[float, floa
     window = (max(3, int(r_min / 3)) | 1,) * 2
     mean = cv2.blur(smooth, window)
     std = np.sqrt(np.maximum(cv2.blur(smooth * smooth, window) - mean * mean, 0.0))
-    std8 = cv2.normalize(std, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
-    _, mask = cv2.threshold(std8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    low, high = float(std.min()), float(std.max())
+    std8 = np.round((std - low) * (255.0 / max(high - low, 1e-6))).astype(np.uint8)
+    threshold, mask = cv2.threshold(std8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    if low + threshold * (high - low) / 255.0 < MIN_TEXTURE_CONTRAST * float(np.median(std)):
+        return None  # Texture nowhere stands out from the background's noise.
     # A small closing: a larger one would join an embryo near the well wall to the wall.
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (int(r_min / 4) | 1,) * 2)
     mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel)
