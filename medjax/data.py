@@ -266,6 +266,46 @@ def ensure_built(
     return build(name, manual_dir, data_dir, **options)
 
 
+def cached_index(
+    builder: tfds.core.DatasetBuilder,
+    fields: Callable[[dict], dict],
+    *,
+    name: str = "index",
+    version: int = 1,
+) -> dict[str, dict[str, list]]:
+    """A small per-split index of a built dataset, read once and cached as JSON beside it.
+
+    Args:
+      builder: a prepared builder.
+      fields: record -> {field: JSON-able value}, e.g. a label and an id.
+      name: the cache's name (`medjax_<name>.json` in the build's folder).
+      version: bump when `fields` changes; a cache of another version is rebuilt.
+
+    Returns:
+      {split: {field: [value of each record, in record order]}}.
+    """
+    path = os.path.join(os.fspath(builder.data_path), f"medjax_{name}.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            cached = json.load(f)
+        if cached.get("version") == version:
+            return cached["splits"]
+    splits = {}
+    for split, source in builder.as_data_source().items():
+        entry: dict[str, list] = {}
+        for i in range(len(source)):
+            for key, value in fields(source[i]).items():
+                entry.setdefault(key, []).append(value)
+        splits[split] = entry
+    import jax  # Deferred: the dataset CLI does not need it.
+
+    if jax.process_index() == 0:
+        from medjax import writers
+
+        writers.write_json(path, {"version": version, "splits": splits})
+    return splits
+
+
 def _parse_options(items: list[str]) -> dict:
     """["frame_size=64", ...] -> {"frame_size": 64}; values are Python literals or strings."""
     options = {}

@@ -38,6 +38,10 @@ def main(argv):
     )
     config = _CONFIG.value
     workdir = tasks.run_dir(config, _WORKDIR.value)
+    fit = tasks.fit_without_gradients(config)
+    if fit is not None:  # No gradient training (e.g. an SVM): it fits, evaluates and reports.
+        fit(config, workdir)
+        return
     result = train.train_and_evaluate(config, workdir)
     if result["stopped_by"] or result["step"] < config.train.steps:
         return  # Interrupted or halted: evaluate once training has finished.

@@ -118,8 +118,22 @@ def main(argv):
                 print(f"  warning: {warning}")
         print(f"Reports and overlays in {out}")
         return
+    if f.config.task == "embryo":
+        from medjax.tasks import embryo
+
+        stage = f.config.stage if f.config.stage in embryo.CLASSIFY_STAGES else None
+        for report in embryo.predict_video_folders(
+            f.workdir, paths, out, checkpoint=f.checkpoint, stage=stage
+        ):
+            print(f"{report['file']}: {embryo.summary(report)}")
+            for warning in report["warnings"]:
+                print(f"  warning: {warning}")
+        print(f"Reports in {out}")
+        return
     if f.config.task != "crl":
-        raise app.UsageError(f"medjax.predict serves crl, echonet and ich, not {f.config.task!r}.")
+        raise app.UsageError(
+            f"medjax.predict serves crl, echonet, ich and embryo, not {f.config.task!r}."
+        )
     for report in predict_files(
         f.workdir, paths, out, checkpoint=f.checkpoint, pixel_spacing_mm=f.pixel_spacing_mm
     ):

@@ -132,7 +132,7 @@ def load_pretrained(task, state: "TrainState", path: str, mesh) -> "TrainState":
     loaded, report = pretrained.load_pretrained(
         variables, path, model_name=pretrained_name(task.config.model)
     )
-    for line in report.summary():
+    for line in report.summary().splitlines():
         logging.info("%s", line)
     loaded = parallel.replicate(loaded, mesh)
     return state.replace(

@@ -124,32 +124,39 @@ def _reference_convs(width=32, in_channels=3):
     return convs, c
 
 
-def _torchvision_state_dict(width, num_classes, seed=0):
-    """torchvision's inception_v3 state dict (AuxLogits included) with random values."""
-    rng = np.random.default_rng(seed)
+def _torchvision_shapes(width, num_classes):
+    """Key -> shape of torchvision's inception_v3 state dict (AuxLogits included)."""
     convs, features = _reference_convs(width)
-    arrays = {}
-
-    def bn(name, channels):
-        arrays[f"{name}.weight"] = rng.uniform(0.5, 1.5, channels).astype(np.float32)
-        arrays[f"{name}.bias"] = rng.normal(size=channels).astype(np.float32)
-        arrays[f"{name}.running_mean"] = rng.normal(size=channels).astype(np.float32)
-        arrays[f"{name}.running_var"] = rng.uniform(0.5, 2.0, channels).astype(np.float32)
-        arrays[f"{name}.num_batches_tracked"] = np.array(7, np.int64)
+    shapes = {}
 
     def conv(name, cin, cout, kh, kw):
-        arrays[f"{name}.conv.weight"] = rng.normal(size=(cout, cin, kh, kw)).astype(np.float32)
-        bn(f"{name}.bn", cout)
+        shapes[f"{name}.conv.weight"] = (cout, cin, kh, kw)
+        for suffix in ("weight", "bias", "running_mean", "running_var"):
+            shapes[f"{name}.bn.{suffix}"] = (cout,)
+        shapes[f"{name}.bn.num_batches_tracked"] = ()
 
     for spec in convs:
         conv(*spec)
-    aux_in = 4 * max(1, 192 * width // 32)
-    conv("AuxLogits.conv0", aux_in, 128, 1, 1)
+    conv("AuxLogits.conv0", 4 * max(1, 192 * width // 32), 128, 1, 1)
     conv("AuxLogits.conv1", 128, 768, 5, 5)
-    arrays["AuxLogits.fc.weight"] = rng.normal(size=(num_classes, 768)).astype(np.float32)
-    arrays["AuxLogits.fc.bias"] = rng.normal(size=num_classes).astype(np.float32)
-    arrays["fc.weight"] = rng.normal(size=(num_classes, features)).astype(np.float32)
-    arrays["fc.bias"] = rng.normal(size=num_classes).astype(np.float32)
+    shapes["AuxLogits.fc.weight"] = (num_classes, 768)
+    shapes["AuxLogits.fc.bias"] = (num_classes,)
+    shapes["fc.weight"] = (num_classes, features)
+    shapes["fc.bias"] = (num_classes,)
+    return shapes
+
+
+def _torchvision_state_dict(width, num_classes, seed=0):
+    """torchvision's inception_v3 state dict with random values (BN variances positive)."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for key, shape in _torchvision_shapes(width, num_classes).items():
+        if key.endswith("num_batches_tracked"):
+            arrays[key] = np.array(7, np.int64)
+        elif key.endswith(("running_var", "bn.weight")):
+            arrays[key] = rng.uniform(0.5, 1.5, shape).astype(np.float32)
+        else:
+            arrays[key] = rng.normal(size=shape).astype(np.float32)
     return arrays
 
 
@@ -198,6 +205,31 @@ def test_full_size_model_has_torchvision_parameter_count():
     assert inception_feature_dim(4) == 256
 
 
+def test_mappings_cover_exactly_the_torchvision_and_keras_keys():
+    shapes = _torchvision_shapes(32, 1000)
+    parameters = [
+        shape
+        for key, shape in shapes.items()
+        if not key.endswith(("running_mean", "running_var", "num_batches_tracked"))
+    ]
+    assert sum(int(np.prod(shape)) for shape in parameters) == 27_161_264  # torchvision's count.
+    mapping = pretrained.inception_mapping()
+    expected = {key for key in shapes if not key.endswith("num_batches_tracked")}
+    assert sorted(entry.source_key for entry in mapping) == sorted(expected)
+
+    keras = pretrained.inception_mapping(source="keras")
+    layers = {f"conv2d_{k}/kernel" for k in range(1, 95)} | {
+        "predictions/kernel",
+        "predictions/bias",
+    }
+    for k in range(1, 95):
+        layers |= {
+            f"batch_normalization_{k}/{w}" for w in ("beta", "moving_mean", "moving_variance")
+        }
+    assert {e.source_key for e in keras if e.layout != pretrained.ONES} == layers
+    assert sum(e.layout == pretrained.ONES for e in keras) == 94
+
+
 def test_padding_modes_and_minimum_size():
     valid = InceptionV3(width=4, num_classes=0)
     small = jnp.zeros((1, 75, 75, 1))
@@ -209,11 +241,10 @@ def test_padding_modes_and_minimum_size():
         )
 
     same = InceptionV3(width=4, num_classes=0, padding="same")  # Computed in the CNN-RNN test.
-    for side in (64, 32, 5):
-        x = jnp.zeros((2, side, side, 1))
-        shapes = jax.eval_shape(lambda: same.init(jax.random.key(0), x, train=False))
-        out = jax.eval_shape(lambda v: same.apply(v, x, train=False), shapes)
-        assert out.shape == (2, 256) and out.dtype == jnp.float32
+    x = jnp.zeros((2, 5, 5, 1))
+    shapes = jax.eval_shape(lambda: same.init(jax.random.key(0), x, train=False))
+    out = jax.eval_shape(lambda v: same.apply(v, x, train=False), shapes)
+    assert out.shape == (2, 256) and out.dtype == jnp.float32
     with pytest.raises(ValueError, match="padding"):
         InceptionV3(padding="full").init(jax.random.key(0), x, train=False)
 
@@ -352,7 +383,7 @@ def test_cached_feature_head_equals_the_full_model_and_crops_are_quadrants():
     variables = _filled(model, frames)
 
     head = model.sequence_head()
-    head_params = head.init(jax.random.key(3), jnp.zeros((2, 3, 5, 256)), train=False)["params"]
+    head_params = _filled(head, jnp.zeros((2, 3, 5, 256)), seed=7)["params"]
     assert jax.tree.structure(head_params) == jax.tree.structure(variables["params"]["head"])
     combined = {
         "params": {"backbone": variables["params"]["backbone"], "head": head_params},

@@ -66,6 +66,24 @@ def _cnn_rnn(**kwargs: Any) -> nn.Module:
     return CnnRnnClassifier(**kwargs)
 
 
+def _vae(**kwargs: Any) -> nn.Module:
+    from medjax.models.vae import VAE
+
+    return VAE(**kwargs)
+
+
+def _dae(**kwargs: Any) -> nn.Module:
+    from medjax.models.vae import DenoisingAutoencoder
+
+    return DenoisingAutoencoder(**kwargs)
+
+
+def _lstm_classifier(**kwargs: Any) -> nn.Module:
+    from medjax.models.sequence import LSTMClassifier
+
+    return LSTMClassifier(**kwargs)
+
+
 MODELS = {
     "cnn_rnn": _cnn_rnn,
     "convlstm": _convlstm,
@@ -79,6 +97,9 @@ MODELS = {
     "resnet50": functools.partial(_resnet, 50),
     "vgg16": functools.partial(_vgg, 16, False),
     "vgg16_bn": functools.partial(_vgg, 16, True),
+    "vae": _vae,
+    "dae": _dae,
+    "lstm_classifier": _lstm_classifier,
 }
 
 

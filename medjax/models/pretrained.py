@@ -22,9 +22,9 @@ params scale/bias and batch_stats mean/var (Keras gamma/beta/moving_mean/moving_
 Keras kernels are already HWIO / (in, out). ``num_batches_tracked`` keys are ignored. The
 Keras ResNet50 convs have biases that medjax's ResNet (like torchvision's) does not; each one
 is folded exactly into the moving mean of the BatchNorm that follows
-(BN(conv(x) + b) with mean m is BN(conv(x)) with mean m - b). Keras' InceptionV3 BatchNorms have
-no scale (gamma); the Flax scales are set to 1. torchvision's InceptionV3 file also holds the
-auxiliary classifier (``AuxLogits.*``), which medjax's model does not have; it is skipped.
+(BN(conv(x) + b) with mean m is BN(conv(x)) with mean m - b). Keras' InceptionV3 BatchNorms
+have no scale (gamma); the Flax scales are set to 1. torchvision's InceptionV3 file also holds
+the auxiliary classifier (``AuxLogits.*``), which medjax's model does not have; it is skipped.
 
 `load_pretrained` checks the file against the model strictly: keys missing from the file,
 keys the mapping does not know and shape mismatches are reported together in one ValueError.
@@ -34,9 +34,10 @@ initialisation and the report says so. A 1-channel model accepts a 3-channel (RG
 the kernel is summed over its input channels, which gives the response of the RGB network to a
 grey image replicated on R, G and B.
 
-The backbone may be the root module (`ResNet`, `VGG`, `InceptionV3`) or a submodule named ``backbone``
-(`ResNetClassifier`, `CnnRnnClassifier`, or heads built around a ResNet); other variables of the model (e.g. a
-segmentation or keypoint head) keep their initialisation and are listed in the report.
+The backbone may be the root module (`ResNet`, `VGG`, `InceptionV3`) or a submodule named
+``backbone`` (`ResNetClassifier`, `CnnRnnClassifier`, or heads built around a ResNet); other
+variables of the model (e.g. a segmentation or keypoint head) keep their initialisation and are
+listed in the report.
 
 `backbone_mask` and `make_finetune_optimizer` support a frozen-backbone-then-fine-tune
 schedule with `optax`.

@@ -36,6 +36,12 @@ def _ich(config: Any):
     return IchSegmentation(config)
 
 
+def _embryo(config: Any):
+    from medjax.tasks.embryo import make_task
+
+    return make_task(config)
+
+
 # The metrics medjax.main prints after evaluation, where a task reports them.
 HEADLINE_METRICS = (
     "dice",
@@ -60,12 +66,17 @@ HEADLINE_METRICS = (
     "iou_pooled",
     "pixel_auc",
     "slice_auc",  # ICH
+    "macro_f1",
+    "recon_mse",
+    "kl",
+    "elbo",  # embryo
 )
 
 TASKS = {
     "crl": _crl,
     "echonet": _echonet,
     "ich": _ich,
+    "embryo": _embryo,
 }
 
 
@@ -85,6 +96,16 @@ def get_task(config: Any):
             f"config.task={config.task!r} is not a known task; known: {', '.join(sorted(TASKS))}."
         )
     return TASKS[config.task](config)
+
+
+def fit_without_gradients(config: Any):
+    """`fit(config, run_dir) -> metrics` for a stage fitted without the gradient trainer
+    (no checkpoints: e.g. the embryo SVM), or None for the stages the trainer trains."""
+    if config.task == "embryo" and config.get("stage") == "classify_svm":
+        from medjax.tasks.embryo import fit_svm
+
+        return fit_svm
+    return None
 
 
 def end_to_end_evaluator(config: Any):

@@ -72,6 +72,15 @@ class _TracedFrames:
         return f"_TracedFrames({len(self)} frames of {len(self.source)} videos)"
 
 
+def _index_fields(record: dict) -> dict:
+    return {
+        "ef": float(record["ef"]),
+        "num_frames": int(record["video"].shape[0]),
+        "traced": bool(record["has_tracings"]),
+        "filename": pipeline.decode_text(record["filename"]),
+    }
+
+
 class EchonetData:
     """The echonet_dynamic dataset with its per-split index and training statistics."""
 
@@ -112,26 +121,9 @@ class EchonetData:
     def index(self) -> dict:
         """Per split: lists `ef`, `num_frames`, `traced`, `filename` (one entry per record)."""
         if self._index is None:
-            path = self._cache_path("index")
-            if os.path.isfile(path):
-                with open(path) as f:
-                    cached = json.load(f)
-                if cached.get("version") == INDEX_VERSION:
-                    self._index = cached["splits"]
-            if self._index is None:
-                splits = {}
-                for split, source in self.sources().items():
-                    entry = {"ef": [], "num_frames": [], "traced": [], "filename": []}
-                    for i in range(len(source)):
-                        record = source[i]
-                        entry["ef"].append(float(record["ef"]))
-                        entry["num_frames"].append(int(record["video"].shape[0]))
-                        entry["traced"].append(bool(record["has_tracings"]))
-                        entry["filename"].append(pipeline.decode_text(record["filename"]))
-                    splits[split] = entry
-                self._index = splits
-                if jax.process_index() == 0:
-                    writers.write_json(path, {"version": INDEX_VERSION, "splits": splits})
+            self._index = data_lib.cached_index(
+                self.builder(), _index_fields, version=INDEX_VERSION
+            )
         return self._index
 
     def labelled(self, split: str) -> list[int]:

@@ -33,7 +33,6 @@ medjax.serve).
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 from typing import Any, Sequence
@@ -106,6 +105,14 @@ def _train_preprocess(record: dict, *, spec: str) -> dict:
     return slice_preprocess(record, spec=spec)
 
 
+def _index_fields(record: dict) -> dict:
+    return {
+        "patient_id": pipeline.decode_text(record["patient_id"]),
+        "slice_number": int(record["slice_number"]),
+        "label": int(record["any_hemorrhage"]),
+    }
+
+
 class IchData:
     """The ct_ich dataset: builder, per-split index, patient splits and k-fold by subject."""
 
@@ -136,25 +143,9 @@ class IchData:
         """Per builder split: lists `patient_id`, `slice_number`, `label` (one per record),
         read once and cached as JSON next to the built dataset."""
         if self._index is None:
-            path = os.path.join(os.fspath(self.builder().data_path), "medjax_index.json")
-            if os.path.isfile(path):
-                with open(path) as f:
-                    cached = json.load(f)
-                if cached.get("version") == INDEX_VERSION:
-                    self._index = cached["splits"]
-            if self._index is None:
-                splits = {}
-                for split, source in self._sources().items():
-                    entry = {"patient_id": [], "slice_number": [], "label": []}
-                    for i in range(len(source)):
-                        record = source[i]
-                        entry["patient_id"].append(pipeline.decode_text(record["patient_id"]))
-                        entry["slice_number"].append(int(record["slice_number"]))
-                        entry["label"].append(int(record["any_hemorrhage"]))
-                    splits[split] = entry
-                self._index = splits
-                if jax.process_index() == 0:
-                    writers.write_json(path, {"version": INDEX_VERSION, "splits": splits})
+            self._index = data_lib.cached_index(
+                self.builder(), _index_fields, version=INDEX_VERSION
+            )
         return self._index
 
     def split_picks(self) -> dict[str, list[tuple[str, int]]]:
