@@ -86,6 +86,8 @@ def get_config(arg=None):
         config.model.latent_dim = 32
         config.model.width = 16
         config.model.levels = 3  # frame_size must divide by 2**levels.
+        config.model.blocks = 1  # 3x3 convolutions per level besides the resampling one.
+        config.model.norm = True  # GroupNorm after each convolution.
         if variants.embedder == "dae":
             config.model.noise_std = 0.1  # Additive Gaussian noise (image in [0, 1]).
             config.model.mask_prob = 0.2  # Masking noise: share of pixels set to 0.
@@ -159,6 +161,7 @@ def get_config(arg=None):
             config.model.latent_dim = 8
             config.model.width = 4
             config.model.levels = 2
+            config.model.blocks = 0
             config.eval.num_plot = 2
         elif "model" in config:
             config.model.hidden = 8

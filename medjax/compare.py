@@ -39,6 +39,16 @@ TASK_COLUMNS = {
         "slice_sensitivity",
         "slice_specificity",
     ),
+    "perfusion": (
+        "accuracy",
+        "macro_f1",
+        "kappa",
+        "mfi_mae",
+        "quadrant_accuracy",
+        "quadrant_mae",
+        "majority_accuracy",
+        "num_videos",
+    ),
 }
 
 

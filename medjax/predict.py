@@ -6,6 +6,9 @@ CRL images (segment -> quality -> keypoints -> CRL -> GA):
 Echo videos (AVI, or multi-frame echo DICOM): EF over all clips, LV area per frame, beats and
 beat-to-beat EF; writes <name>.json, <name>_area.png and <name>_overlay.avi:
   python -m medjax.predict --config=configs/echonet.py --workdir=runs/echonet video.avi
+SDF microcirculation videos (AVI): expected MFI score per quadrant, video MFI and flow class;
+writes <name>.json:
+  python -m medjax.predict --config=configs/perfusion.py --workdir=runs/perf_convlstm video.avi
 Head CT (DICOM slice, NIfTI volume, PNG/JPEG): hemorrhage mask, P(hemorrhage), area and volume
 per file; writes <name>.json and <name>.png (the most likely slice, windowed, mask overlaid):
   python -m medjax.predict --config=configs/ich.py --workdir=runs/ich_unet slice.dcm scan.nii
@@ -130,9 +133,19 @@ def main(argv):
                 print(f"  warning: {warning}")
         print(f"Reports in {out}")
         return
+    if f.config.task == "perfusion":
+        from medjax.tasks import perfusion
+
+        for report in perfusion.predict_video_files(
+            f.workdir, paths, out, checkpoint=f.checkpoint
+        ):
+            print(f"{report['file']}: {perfusion.summary(report)}")
+        print(f"Reports in {out}")
+        return
     if f.config.task != "crl":
         raise app.UsageError(
-            f"medjax.predict serves crl, echonet, ich and embryo, not {f.config.task!r}."
+            f"medjax.predict serves crl, echonet, ich, embryo and perfusion, not "
+            f"{f.config.task!r}."
         )
     for report in predict_files(
         f.workdir, paths, out, checkpoint=f.checkpoint, pixel_spacing_mm=f.pixel_spacing_mm

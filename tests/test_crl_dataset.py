@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import cv2
+import dataset_helpers as helpers
 import numpy as np
 import pytest
 from medjax_datasets.crl_ultrasound import CrlDataError
@@ -59,8 +60,7 @@ def raw_copy(raw_dir, tmp_path):
 
 
 def metadata_rows(raw):
-    with open(os.path.join(raw, "metadata.csv"), newline="") as f:
-        return list(csv.DictReader(f))
+    return helpers.read_csv_rows(os.path.join(raw, "metadata.csv"))
 
 
 def landmarks(raw, image_id):
@@ -71,14 +71,6 @@ def landmarks(raw, image_id):
 
 def examples(source):
     return [source[i] for i in range(len(source))]
-
-
-def all_files(root):
-    return {
-        os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
-        for d, _, files in os.walk(root)
-        for f in files
-    }
 
 
 # Synthetic generator.
@@ -107,9 +99,9 @@ def test_synthetic_layout(raw_dir):
 def test_synthetic_is_deterministic(raw_dir, tmp_path):
     data.synthesize(NAME, tmp_path / "same", NUM, SEED)
     data.synthesize(NAME, tmp_path / "other", NUM, SEED + 1)
-    reference = all_files(raw_dir)
-    assert all_files(tmp_path / "same") == reference
-    other = all_files(tmp_path / "other")
+    reference = helpers.file_contents(raw_dir)
+    assert helpers.file_contents(tmp_path / "same") == reference
+    other = helpers.file_contents(tmp_path / "other")
     assert other["metadata.csv"] != reference["metadata.csv"]
     assert other["images/P0001_01.png"] != reference["images/P0001_01.png"]
 

@@ -1,7 +1,6 @@
 """Tests of the CT-ICH dataset: synthetic generator, builder (NIfTI and JPG layouts), problem
 reports, splits, offline augmentation and the command line."""
 
-import csv
 import math
 import os
 import re
@@ -10,6 +9,7 @@ import subprocess
 import sys
 
 import cv2
+import dataset_helpers as helpers
 import numpy as np
 import pytest
 from medjax_datasets.ct_ich import CtIchDataError, synthesize
@@ -47,16 +47,8 @@ K5 = np.ones((5, 5), np.uint8)
 # Reading the raw layout independently of the builder.
 
 
-def csv_rows(path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def write_rows(path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    helpers.write_csv_rows(path, rows, CSV_COLUMNS)
 
 
 def volumes(raw, patient_id: str) -> tuple[np.ndarray, np.ndarray]:
@@ -98,7 +90,7 @@ def built(raw, tmp_path_factory):
 
 
 def test_synthetic_layout_and_labels(raw, raw_volumes):
-    rows = csv_rows(os.path.join(raw, RAW_CSV))
+    rows = helpers.read_csv_rows(os.path.join(raw, RAW_CSV))
     assert list(rows[0]) == list(CSV_COLUMNS)
     diagnosis = read_diagnosis(os.path.join(raw, RAW_CSV))
     assert len(diagnosis) == len(rows)
@@ -318,7 +310,7 @@ def broken(raw, raw_volumes, tmp_path_factory):
     write_nifti_volume(
         os.path.join(path, "masks", f"{mismatch}.nii"), mask[:, :, :-1], (1.0, 1.0), 5.0, np.uint8
     )
-    rows = csv_rows(os.path.join(path, RAW_CSV))
+    rows = helpers.read_csv_rows(os.path.join(path, RAW_CSV))
     target = keep[0]
     bleeding = [
         s + 1

@@ -1,13 +1,12 @@
 """Tests of the EchoNet-Dynamic dataset: video I/O, synthetic generator, builder, API and CLI."""
 
-import csv
-import logging
 import math
 import os
 import re
 import shutil
 
 import cv2
+import dataset_helpers as helpers
 import numpy as np
 import pytest
 from medjax_datasets.echonet_dynamic import EchonetDataError
@@ -27,27 +26,21 @@ BUILDER_LOGGER = "medjax_datasets.echonet_dynamic.echonet_dynamic"
 
 
 def file_list(raw) -> list[dict[str, str]]:
-    with open(os.path.join(raw, "FileList.csv"), newline="") as f:
-        return list(csv.DictReader(f))
+    return helpers.read_csv_rows(os.path.join(raw, "FileList.csv"))
 
 
 def write_file_list(raw, rows: list[dict[str, str]]) -> None:
-    with open(os.path.join(raw, "FileList.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    helpers.write_csv_rows(os.path.join(raw, "FileList.csv"), rows)
 
 
 def tracing_rows(raw) -> list[dict[str, str]]:
-    with open(os.path.join(raw, "VolumeTracings.csv"), newline="") as f:
-        return list(csv.DictReader(f))
+    return helpers.read_csv_rows(os.path.join(raw, "VolumeTracings.csv"))
 
 
 def write_tracings(raw, rows: list[dict[str, str]]) -> None:
-    with open(os.path.join(raw, "VolumeTracings.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["FileName", "X1", "Y1", "X2", "Y2", "Frame"])
-        writer.writeheader()
-        writer.writerows(rows)
+    helpers.write_csv_rows(
+        os.path.join(raw, "VolumeTracings.csv"), rows, ["FileName", "X1", "Y1", "X2", "Y2", "Frame"]
+    )
 
 
 def traced_frames(raw) -> dict[str, list[tuple[int, np.ndarray]]]:
@@ -79,12 +72,7 @@ def polygon_area(tracing: np.ndarray) -> float:
 
 
 def all_examples(builder) -> dict[str, dict]:
-    examples = {}
-    for split in builder.info.splits:
-        source = builder.as_data_source(split)
-        for i in range(len(source)):
-            examples[source[i]["filename"].decode()] = source[i]
-    return examples
+    return helpers.all_examples(builder, "filename")
 
 
 def split_counts(rows) -> dict[str, int]:
@@ -95,26 +83,9 @@ def split_counts(rows) -> dict[str, int]:
     return counts
 
 
-class LogRecords(logging.Handler):
-    def __init__(self):
-        super().__init__(level=logging.DEBUG)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 def build_logged(raw, data_dir, **kwargs):
     """data.build, returning (builder, messages the EchoNet builder logged)."""
-    logger, handler = logging.getLogger(BUILDER_LOGGER), LogRecords()
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    try:
-        return data.build(NAME, raw, data_dir, **kwargs), handler.messages
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
+    return helpers.build_logged(NAME, BUILDER_LOGGER, raw, data_dir, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -193,18 +164,14 @@ def test_synthetic_layout(raw_dir):
 
 
 def test_synthetic_is_deterministic(tmp_path):
-    def files(root):
-        return {
-            os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
-            for d, _, names in os.walk(root)
-            for f in names
-        }
-
     data.synthesize(NAME, tmp_path / "a", 2, 5)
     data.synthesize(NAME, tmp_path / "b", 2, 5)
     data.synthesize(NAME, tmp_path / "c", 2, 6)
-    assert files(tmp_path / "a") == files(tmp_path / "b")
-    assert files(tmp_path / "a")["FileList.csv"] != files(tmp_path / "c")["FileList.csv"]
+    assert helpers.file_contents(tmp_path / "a") == helpers.file_contents(tmp_path / "b")
+    assert (
+        helpers.file_contents(tmp_path / "a")["FileList.csv"]
+        != helpers.file_contents(tmp_path / "c")["FileList.csv"]
+    )
 
 
 def test_synthetic_refuses_non_empty_dir(raw_dir):
@@ -429,8 +396,7 @@ def test_truncated_video_is_reported_and_skipped(damaged, damaged_built):
     summary = builder.info.metadata["build_summary"]
     assert summary["unreadable_videos"] == [roles["truncated"]]
     assert any(
-        str(raw / "Videos" / f"{roles['truncated']}.avi") in m and "expected" in m
-        for m in messages
+        str(raw / "Videos" / f"{roles['truncated']}.avi") in m and "expected" in m for m in messages
     )
     report = [m for m in messages if m.startswith("EchoNet-Dynamic build summary")]
     assert len(report) == 1
@@ -500,8 +466,9 @@ def _damage_csv(raw, file, edit):
         ),
         (
             "FileList.csv",
-            lambda lines: [lines[0], lines[1], re.sub(r",[^,]*", ",sixty", lines[2], count=1)]
-            + lines[3:],
+            lambda lines: (
+                [lines[0], lines[1], re.sub(r",[^,]*", ",sixty", lines[2], count=1)] + lines[3:]
+            ),
             r"FileList\.csv, line 3, column EF: 'sixty' is not a number",
         ),
         (
@@ -544,9 +511,7 @@ def test_cli(tmp_path, capsys):
     assert len(rows) == 8 and {r["Split"] for r in rows} == set(SPLITS)
     os.remove(raw / "Videos" / f"{rows[0]['FileName']}.avi")
     capsys.readouterr()
-    data.main(
-        ["build", NAME, f"--manual_dir={raw}", f"--data_dir={out}", "--skip_missing_videos"]
-    )
+    data.main(["build", NAME, f"--manual_dir={raw}", f"--data_dir={out}", "--skip_missing_videos"])
     stdout = capsys.readouterr().out
     counts = {k: int(v) for k, v in re.findall(r"(\w+): (\d+) examples", stdout)}
     expected = split_counts(rows[1:])

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import dataset_helpers as helpers
 import numpy as np
 import pytest
 from medjax_datasets.embryo_timelapse import OUTCOMES, PHASES, EmbryoDataError
@@ -28,15 +29,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def outcome_rows(raw) -> list[dict[str, str]]:
-    with open(os.path.join(raw, "outcomes.csv"), newline="") as f:
-        return list(csv.DictReader(f))
+    return helpers.read_csv_rows(os.path.join(raw, "outcomes.csv"))
 
 
 def write_outcomes(raw, rows: list[dict[str, str]]) -> None:
-    with open(os.path.join(raw, "outcomes.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    helpers.write_csv_rows(os.path.join(raw, "outcomes.csv"), rows)
 
 
 def frame_files(raw, video) -> dict[int, str]:
@@ -64,13 +61,7 @@ def phase_of_frame(raw, video) -> dict[int, int]:
 
 
 def all_examples(builder) -> dict[str, dict]:
-    examples = {}
-    for split in builder.info.splits:
-        source = builder.as_data_source(split)
-        for i in range(len(source)):
-            example = source[i]
-            examples[example["video_id"].decode()] = dict(example, split=split)
-    return examples
+    return helpers.all_examples(builder, "video_id", with_split=True)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """Tests of the SDF perfusion dataset: synthetic generator, labels, splits, builder and CLI."""
 
 import csv
-import logging
 import math
 import os
 import shutil
@@ -9,6 +8,7 @@ import subprocess
 import sys
 
 import cv2
+import dataset_helpers as helpers
 import numpy as np
 import pytest
 from medjax_datasets.sdf_perfusion import SdfDataError, SdfPerfusion, flow_class, mfi
@@ -34,15 +34,11 @@ QUADRANTS = ("mfi_q1", "mfi_q2", "mfi_q3", "mfi_q4")
 
 
 def label_rows(raw) -> list[dict[str, str]]:
-    with open(os.path.join(raw, "labels.csv"), newline="") as f:
-        return list(csv.DictReader(f))
+    return helpers.read_csv_rows(os.path.join(raw, "labels.csv"))
 
 
 def write_labels(raw, rows: list[dict[str, str]]) -> None:
-    with open(os.path.join(raw, "labels.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    helpers.write_csv_rows(os.path.join(raw, "labels.csv"), rows)
 
 
 def scores_of(row: dict[str, str]) -> list[int]:
@@ -50,34 +46,12 @@ def scores_of(row: dict[str, str]) -> list[int]:
 
 
 def all_examples(builder) -> dict[str, dict]:
-    examples = {}
-    for split in builder.info.splits:
-        source = builder.as_data_source(split)
-        for i in range(len(source)):
-            examples[source[i]["video_id"].decode()] = source[i]
-    return examples
-
-
-class LogRecords(logging.Handler):
-    def __init__(self):
-        super().__init__(level=logging.DEBUG)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
+    return helpers.all_examples(builder, "video_id")
 
 
 def build_logged(raw, data_dir, **options):
     """data.build, returning (builder, messages the SDF builder logged)."""
-    logger, handler = logging.getLogger(BUILDER_LOGGER), LogRecords()
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    try:
-        return data.build(NAME, raw, data_dir, **options), handler.messages
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
+    return helpers.build_logged(NAME, BUILDER_LOGGER, raw, data_dir, **options)
 
 
 def resized(frames: np.ndarray, size: int) -> np.ndarray:
@@ -125,17 +99,10 @@ def test_synthetic_layout(raw_dir):
 
 
 def test_synthetic_is_deterministic(tmp_path):
-    def files(root):
-        return {
-            os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
-            for d, _, names in os.walk(root)
-            for f in names
-        }
-
     for name, seed in (("a", 5), ("b", 5), ("c", 6)):
         data.DATASETS[NAME].synthesize(tmp_path / name, 2, seed, size=(32, 32), num_frames=3)
-    assert files(tmp_path / "a") == files(tmp_path / "b")
-    assert files(tmp_path / "a") != files(tmp_path / "c")
+    assert helpers.file_contents(tmp_path / "a") == helpers.file_contents(tmp_path / "b")
+    assert helpers.file_contents(tmp_path / "a") != helpers.file_contents(tmp_path / "c")
 
 
 def test_synthetic_refuses_non_empty_dir(raw_dir):

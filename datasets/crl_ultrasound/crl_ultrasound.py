@@ -27,9 +27,7 @@ Every problem with the raw data raises one `CrlDataError` (a `ValueError`), or a
 `ImageReadError` for an unreadable PNG, naming the offending file and what to do.
 """
 
-import csv
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -38,7 +36,13 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
+from medjax_datasets.common import (
+    SPLITS,
+    code_path_property,
+    float_or_nan,
+    read_csv_dicts,
+    split_patients_by_hash,
+)
 
 from medjax.preprocess.image import read_grayscale, read_mask
 
@@ -80,10 +84,7 @@ class Record:
 def _parse_float(value: str, column: str, line: int, path: str) -> float:
     if not value.strip():
         return math.nan
-    try:
-        number = float(value)
-    except ValueError:
-        number = math.nan
+    number = float_or_nan(value)
     if not math.isfinite(number) or (column == "pixel_spacing_mm" and number <= 0):
         raise CrlDataError(
             f"{path}, line {line}: {column}={value!r} is not a valid number; "
@@ -143,23 +144,8 @@ def read_metadata(manual_dir: str) -> list[Record]:
         raise CrlDataError(
             f"{path} does not exist.\n{textwrap.dedent(CrlUltrasound.MANUAL_DOWNLOAD_INSTRUCTIONS)}"
         )
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f, skipinitialspace=True)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-        if missing:
-            raise CrlDataError(
-                f"{path} lacks the required column(s) {', '.join(missing)}; its header must "
-                f"contain {','.join(REQUIRED_COLUMNS)} (found {','.join(columns) or 'nothing'})."
-            )
-        rows = []
-        for row in reader:
-            if None in row:  # DictReader's key for values beyond the header.
-                raise CrlDataError(
-                    f"{path}, line {reader.line_num}: more values than header columns; "
-                    "quote values containing commas."
-                )
-            rows.append(({k.strip(): (v or "").strip() for k, v in row.items()}, reader.line_num))
+    # Read in full first: a malformed row is reported before any referenced file is checked.
+    rows = list(read_csv_dicts(path, REQUIRED_COLUMNS, CrlDataError))
 
     records, seen = [], set()
     for row, line in rows:
@@ -211,23 +197,13 @@ def read_metadata(manual_dir: str) -> list[Record]:
 
 def split_patients(patient_ids: Sequence[str]) -> dict[str, str]:
     """Maps each patient id to 'train', 'validation' or 'test' (see module docstring)."""
-
-    def rank(patient_id: str) -> str:
-        return hashlib.sha256(f"{SPLIT_SALT}/{patient_id}".encode()).hexdigest()
-
-    patients = sorted(set(patient_ids), key=rank)
+    patients = set(patient_ids)
     if len(patients) < 3:
         raise CrlDataError(
             f"Found {len(patients)} patient(s); at least 3 are needed for patient-disjoint "
             "train/validation/test splits."
         )
-    assignment, start = {}, 0
-    for split, fraction in SPLIT_FRACTIONS.items():
-        count = max(1, math.floor(fraction * len(patients) + 0.5))
-        assignment.update({p: split for p in patients[start : start + count]})
-        start += count
-    assignment.update({p: "train" for p in patients[start:]})
-    return assignment
+    return split_patients_by_hash(patients, SPLIT_SALT, tuple(SPLIT_FRACTIONS.items()))
 
 
 def check_patient_disjoint(splits: dict[str, list[Record]]) -> None:
@@ -258,12 +234,7 @@ class CrlUltrasound(tfds.core.GeneratorBasedBuilder):
     and build with `python -m medjax.data build crl_ultrasound --manual_dir=DIR --data_dir=OUT`.
     """
 
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls) -> epath.Path:
-        # TFDS 4.9.10 resolves this for builders in sub-packages through `importlib_resources`,
-        # a dependency it only declares for Python < 3.9; this file is the answer anyway.
-        return epath.Path(__file__)
+    code_path = code_path_property(__file__)
 
     def _info(self) -> tfds.core.DatasetInfo:
         def plane() -> tfds.features.Tensor:
@@ -292,10 +263,7 @@ class CrlUltrasound(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         records = read_metadata(os.fspath(dl_manager.manual_dir))
         assignment = split_patients([r.patient_id for r in records])
-        splits = {
-            name: [r for r in records if assignment[r.patient_id] == name]
-            for name in ("train", "validation", "test")
-        }
+        splits = {name: [r for r in records if assignment[r.patient_id] == name] for name in SPLITS}
         check_patient_disjoint(splits)
         return {name: self._generate_examples(split) for name, split in splits.items()}
 

@@ -44,6 +44,7 @@ import os
 
 import cv2
 import numpy as np
+from medjax_datasets.common import new_output_dir
 
 CRL_MM_RANGE = (15.0, 80.0)
 HEIGHT_RANGE = (120, 160)
@@ -405,11 +406,7 @@ def synthesize(
     """
     if num < 1:
         raise ValueError(f"num must be >= 1, got {num}")
-    out_dir = os.fspath(out_dir)
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise FileExistsError(f"{out_dir!r} is not empty; synthesize into a new directory.")
-    for sub in ("images", "masks", "annotations"):
-        os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
+    out_dir = new_output_dir(out_dir, ("images", "masks", "annotations"))
 
     rng = np.random.default_rng(seed)
     counts = _images_per_patient(rng, num)

@@ -71,9 +71,7 @@ ends and stored in `builder.info.metadata["build_summary"]`:
   * a split left without any readable slice stops the build with `CtIchDataError`.
 """
 
-import csv
 import dataclasses
-import hashlib
 import logging
 import math
 import os
@@ -84,7 +82,14 @@ from collections.abc import Iterator
 import cv2
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
+from medjax_datasets.common import (
+    SummaryReport,
+    code_path_property,
+    counted_splits,
+    finish_build,
+    read_csv_dicts,
+    split_patients_by_hash,
+)
 
 from medjax.input.augment import random_affine
 from medjax.preprocess.ct import CtReadError, read_nifti_volume
@@ -117,7 +122,6 @@ VALIDATION_FRACTION = 0.2
 AUGMENT_SEED = 0x1C4  # Mixed with (patient number, slice, copy).
 AUGMENT_MAX_ROTATE_DEG = 15.0
 AUGMENT_SCALE_RANGE = (0.9, 1.1)
-SUMMARY_NAMES_LOGGED = 10
 
 _DESCRIPTION = """\
 Head CT slices of 82 traumatic brain injury patients (PhysioNet CT-ICH) with intracranial
@@ -156,7 +160,7 @@ class Patient:
 
 
 @dataclasses.dataclass
-class BuildSummary:
+class BuildSummary(SummaryReport):
     """What a build kept and left out; see the module docstring."""
 
     layout: str = ""
@@ -171,38 +175,36 @@ class BuildSummary:
     hemorrhage_label_without_mask: list[str] = dataclasses.field(default_factory=list)
     ignored_files: list[str] = dataclasses.field(default_factory=list)
 
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    def title(self) -> str:
+        return f"CT-ICH build summary ({self.layout} layout):"
 
-    def problems(self) -> list[tuple[str, list[str]]]:
+    def head_lines(self) -> list[str]:
         return [
-            ("slices without a CSV row (skipped)", self.slices_without_csv_row),
-            ("CSV rows without a slice (ignored)", self.csv_rows_without_slice),
-            ("patients without a mask file (skipped)", self.patients_without_mask),
-            ("unreadable files (patient or slice skipped)", self.unreadable_files),
-            ("scan and mask of different shapes (skipped)", self.shape_mismatches),
-            ("slices with a mask but No_Hemorrhage=1 (kept)", self.mask_without_hemorrhage_label),
-            (
-                "slices labelled hemorrhage with an empty mask (kept)",
-                self.hemorrhage_label_without_mask,
-            ),
-            ("files not in the layout (ignored)", self.ignored_files),
-        ]
-
-    def report(self) -> str:
-        lines = [
-            f"CT-ICH build summary ({self.layout} layout):",
-            "  examples per split: "
-            + ", ".join(f"{k}={v}" for k, v in sorted(self.examples.items())),
+            *super().head_lines(),
             "  patients per split: "
             + ", ".join(f"{k}={len(v)}" for k, v in sorted(self.patients.items())),
         ]
-        for label, names in self.problems():
-            shown = list(names[:SUMMARY_NAMES_LOGGED])
-            if len(names) > len(shown):
-                shown.append(f"... {len(names) - len(shown)} more")
-            lines.append(f"  {label}: {len(names)}" + (f" [{', '.join(shown)}]" if names else ""))
-        return "\n".join(lines)
+
+    def named_lists(self) -> list[tuple[str, list[str], bool]]:
+        """The lists of names; those whose slices are kept make no warning."""
+        return [
+            ("slices without a CSV row (skipped)", self.slices_without_csv_row, True),
+            ("CSV rows without a slice (ignored)", self.csv_rows_without_slice, True),
+            ("patients without a mask file (skipped)", self.patients_without_mask, True),
+            ("unreadable files (patient or slice skipped)", self.unreadable_files, True),
+            ("scan and mask of different shapes (skipped)", self.shape_mismatches, True),
+            (
+                "slices with a mask but No_Hemorrhage=1 (kept)",
+                self.mask_without_hemorrhage_label,
+                False,
+            ),
+            (
+                "slices labelled hemorrhage with an empty mask (kept)",
+                self.hemorrhage_label_without_mask,
+                False,
+            ),
+            ("files not in the layout (ignored)", self.ignored_files, True),
+        ]
 
 
 def read_diagnosis(path: str) -> Diagnosis:
@@ -218,50 +220,49 @@ def read_diagnosis(path: str) -> Diagnosis:
       CtIchDataError: a missing column, a value that is not an integer, a label other than
         0/1, a slice number below 1 or a duplicate row; the message names file, line, column.
     """
+
+    def missing_message(missing: list[str], columns: list[str]) -> str:
+        return (
+            f"{path}, line 1: missing column(s) {', '.join(missing)}; the header must "
+            f"contain {','.join(CSV_COLUMNS)} (found {','.join(columns) or 'nothing'})."
+        )
+
     diagnosis: Diagnosis = {}
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f, skipinitialspace=True)
-        columns = [(c or "").strip() for c in reader.fieldnames or []]
-        missing = [c for c in CSV_COLUMNS if c not in columns]
-        if missing:
+    rows = read_csv_dicts(
+        path,
+        CSV_COLUMNS,
+        CtIchDataError,
+        missing_message=missing_message,
+        extra_values_fix="fix the row.",
+    )
+    for row, line in rows:
+        values = {}
+        for column in CSV_COLUMNS:
+            text = row[column]
+            if not re.fullmatch(r"[+-]?\d+", text):
+                raise CtIchDataError(
+                    f"{path}, line {line}, column {column}: {text!r} is not an integer; "
+                    "fix the value."
+                )
+            values[column] = int(text)
+        for column in LABEL_COLUMNS:
+            if values[column] not in (0, 1):
+                raise CtIchDataError(
+                    f"{path}, line {line}, column {column}: {values[column]} is not 0 or 1."
+                )
+        if values["PatientNumber"] < 0 or values["SliceNumber"] < 1:
+            column = "PatientNumber" if values["PatientNumber"] < 0 else "SliceNumber"
             raise CtIchDataError(
-                f"{path}, line 1: missing column(s) {', '.join(missing)}; the header must "
-                f"contain {','.join(CSV_COLUMNS)} (found {','.join(columns) or 'nothing'})."
+                f"{path}, line {line}, column {column}: {values[column]} is out of range "
+                "(patient numbers are >= 0, slice numbers >= 1)."
             )
-        for row in reader:
-            line = reader.line_num
-            if None in row:  # DictReader's key for values beyond the header.
-                raise CtIchDataError(
-                    f"{path}, line {line}: more values than header columns; fix the row."
-                )
-            row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
-            values = {}
-            for column in CSV_COLUMNS:
-                text = row[column]
-                if not re.fullmatch(r"[+-]?\d+", text):
-                    raise CtIchDataError(
-                        f"{path}, line {line}, column {column}: {text!r} is not an integer; "
-                        "fix the value."
-                    )
-                values[column] = int(text)
-            for column in LABEL_COLUMNS:
-                if values[column] not in (0, 1):
-                    raise CtIchDataError(
-                        f"{path}, line {line}, column {column}: {values[column]} is not 0 or 1."
-                    )
-            if values["PatientNumber"] < 0 or values["SliceNumber"] < 1:
-                column = "PatientNumber" if values["PatientNumber"] < 0 else "SliceNumber"
-                raise CtIchDataError(
-                    f"{path}, line {line}, column {column}: {values[column]} is out of range "
-                    "(patient numbers are >= 0, slice numbers >= 1)."
-                )
-            key = (values["PatientNumber"], values["SliceNumber"])
-            if key in diagnosis:
-                raise CtIchDataError(
-                    f"{path}, line {line}, column SliceNumber: patient {key[0]} slice {key[1]} "
-                    f"already appears on line {diagnosis[key].line}; remove the duplicate row."
-                )
-            diagnosis[key] = SliceLabels(line, {c: values[c] for c in LABEL_COLUMNS})
+        key = (values["PatientNumber"], values["SliceNumber"])
+        if key in diagnosis:
+            raise CtIchDataError(
+                f"{path}, line {line}, column SliceNumber: patient {key[0]} slice {key[1]} "
+                f"already appears on line {diagnosis[key].line}; remove the duplicate row."
+            )
+        diagnosis[key] = SliceLabels(line, {c: values[c] for c in LABEL_COLUMNS})
     return diagnosis
 
 
@@ -352,23 +353,20 @@ def split_patients(numbers: list[int]) -> dict[int, str]:
     Raises:
       CtIchDataError: fewer than 3 patients.
     """
-
-    def rank(number: int) -> str:
-        return hashlib.sha256(f"{SPLIT_SALT}/{number}".encode()).hexdigest()
-
-    ordered = sorted(set(numbers), key=rank)
-    if len(ordered) < 3:
+    patients = set(numbers)
+    if len(patients) < 3:
         raise CtIchDataError(
-            f"Found {len(ordered)} usable patient(s); at least 3 are needed for "
+            f"Found {len(patients)} usable patient(s); at least 3 are needed for "
             "patient-disjoint train/validation/test splits."
         )
-    num_test = max(1, math.floor(TEST_FRACTION * len(ordered) + 0.5))
-    rest = len(ordered) - num_test
-    num_val = max(1, math.floor(VALIDATION_FRACTION * rest + 0.5))
-    assignment = {n: "train" for n in ordered[: rest - num_val]}
-    assignment.update({n: "validation" for n in ordered[rest - num_val : rest]})
-    assignment.update({n: "test" for n in ordered[rest:]})
-    return assignment
+    # The last patients of the hash order are test, those before them validation.
+    return split_patients_by_hash(
+        patients,
+        SPLIT_SALT,
+        (("test", TEST_FRACTION), ("validation", VALIDATION_FRACTION)),
+        shares_of_remainder=True,
+        from_end=True,
+    )
 
 
 def otsu_mask(gray: np.ndarray) -> np.ndarray:
@@ -430,12 +428,7 @@ class CtIch(tfds.core.GeneratorBasedBuilder):
         self.build_summary: BuildSummary | None = None
         super().__init__(**kwargs)
 
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls) -> epath.Path:
-        # TFDS 4.9.10 resolves this for builders in sub-packages through `importlib_resources`,
-        # a dependency it only declares for Python < 3.9; this file is the answer anyway.
-        return epath.Path(__file__)
+    code_path = code_path_property(__file__)
 
     def _info(self) -> tfds.core.DatasetInfo:
         def label() -> tfds.features.Scalar:
@@ -502,35 +495,25 @@ class CtIch(tfds.core.GeneratorBasedBuilder):
         }
         if self._offline_augment_copies:
             splits["train_augmented"] = splits["train"]
-        pending = set(splits)
 
-        def generate(name: str, split: list[Patient]):
+        def examples(name: str, split: list[Patient]) -> Iterator[tuple[str, dict]]:
             augment = name == "train_augmented"
             # The augmented split re-reads the train patients: count their problems once.
             record = BuildSummary() if augment else summary
-            count, patient_ids = 0, set()
+            patient_ids = set()
             for key, example in self._generate_examples(split, layout, diagnosis, record, augment):
-                count += 1
                 patient_ids.add(example["patient_id"])
                 yield key, example
-            summary.examples[name] = count
             summary.patients[name] = sorted(patient_ids)
-            if not count:
-                raise CtIchDataError(
-                    f"No slice of the {name} split could be read; see the errors logged above."
-                )
-            pending.discard(name)
-            if not pending:
-                self._finish(summary)
 
-        return {name: generate(name, split) for name, split in splits.items()}
-
-    def _finish(self, summary: BuildSummary) -> None:
-        """Logs the summary and stores it in the dataset info (written after generation)."""
-        self.build_summary = summary
-        self.info.metadata["build_summary"] = summary.as_dict()
-        problems = [names for label, names in summary.problems() if "kept" not in label]
-        logger.log(logging.WARNING if any(problems) else logging.INFO, summary.report())
+        return counted_splits(
+            splits,
+            examples,
+            summary.examples,
+            error=CtIchDataError,
+            unit="slice",
+            on_done=lambda: finish_build(self, summary, logger),
+        )
 
     def _generate_examples(
         self,

@@ -54,7 +54,6 @@ generation ends and stored in `builder.info.metadata["build_summary"]`.
 """
 
 import collections
-import csv
 import dataclasses
 import logging
 import math
@@ -65,9 +64,20 @@ from collections.abc import Iterator
 import cv2
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
-
-from medjax.preprocess.video import VideoReadError, read_video_gray
+from medjax_datasets.common import (
+    SummaryReport,
+    code_path_property,
+    counted_splits,
+    drop_missing_videos,
+    finish_build,
+    float_or_nan,
+    group_by_split,
+    read_csv_dicts,
+    read_video_or_skip,
+    resize_frames,
+    strip_extension,
+    video_feature,
+)
 
 FILE_LIST = "FileList.csv"
 VOLUME_TRACINGS = "VolumeTracings.csv"
@@ -89,7 +99,6 @@ FRAME_SIZE = 112
 MIN_DISCS = 2
 POLYGON_SHIFT = 4  # Fractional bits of the polygon vertices given to cv2.fillPoly.
 MASK_SUPERSAMPLING = 16  # Masks are drawn at 16x resolution, then averaged over 16x16 blocks.
-SUMMARY_NAMES_LOGGED = 10
 
 _DESCRIPTION = """\
 EchoNet-Dynamic apical four-chamber echocardiogram videos (112x112) with ejection fraction,
@@ -123,8 +132,10 @@ Tracings = dict[int, list[tuple[float, float, float, float]]]
 
 
 @dataclasses.dataclass
-class BuildSummary:
+class BuildSummary(SummaryReport):
     """What a build kept, left out and corrected; see the module docstring."""
+
+    TITLE = "EchoNet-Dynamic build summary:"
 
     examples: dict[str, int] = dataclasses.field(default_factory=dict)
     missing_videos: list[str] = dataclasses.field(default_factory=list)
@@ -136,57 +147,32 @@ class BuildSummary:
     resized_videos: list[str] = dataclasses.field(default_factory=list)
     unlabelled_videos: int = 0
 
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def report(self) -> str:
-        lines = [
-            "EchoNet-Dynamic build summary:",
-            "  examples per split: "
-            + ", ".join(f"{k}={v}" for k, v in sorted(self.examples.items())),
+    def head_lines(self) -> list[str]:
+        return [
+            *super().head_lines(),
             f"  videos without EF (unlabelled, kept): {self.unlabelled_videos}",
         ]
-        for label, names in (
-            ("missing video files (skipped)", self.missing_videos),
-            ("unreadable or truncated videos (skipped)", self.unreadable_videos),
+
+    def named_lists(self) -> list[tuple[str, list[str], bool]]:
+        return [
+            ("missing video files (skipped)", self.missing_videos, True),
+            ("unreadable or truncated videos (skipped)", self.unreadable_videos, True),
             ("videos with fewer than two usable traced frames (kept, no masks)",
-             self.untraced_videos),
+             self.untraced_videos, True),
             ("videos whose ED/ES by mask area disagree with the CSV order (ES first)",
-             self.area_order_disagreements),
+             self.area_order_disagreements, False),
             ("traced frames dropped (too few rows, empty, or outside the video)",
-             self.dropped_traced_frames),
-            ("VolumeTracings files not in FileList (ignored)", self.ignored_tracing_files),
-            ("videos resized to 112x112", self.resized_videos),
-        ):
-            shown = list(names[:SUMMARY_NAMES_LOGGED])
-            if len(names) > len(shown):
-                shown.append(f"... {len(names) - len(shown)} more")
-            lines.append(f"  {label}: {len(names)}" + (f" [{', '.join(shown)}]" if names else ""))
-        return "\n".join(lines)
-
-
-def _missing_columns_error(path: str, columns: list[str], required: tuple[str, ...]) -> None:
-    missing = [c for c in required if c not in columns]
-    if missing:
-        raise EchonetDataError(
-            f"{path} lacks the required column(s) {', '.join(missing)}; its header must be "
-            f"{','.join(required)} (found {','.join(columns) or 'nothing'})."
-        )
+             self.dropped_traced_frames, True),
+            ("VolumeTracings files not in FileList (ignored)", self.ignored_tracing_files, True),
+            ("videos resized to 112x112", self.resized_videos, False),
+        ]  # fmt: skip
 
 
 def _read_csv(path: str, required: tuple[str, ...]) -> Iterator[tuple[dict[str, str], int]]:
     """Rows of a CSV as stripped dicts with their line numbers, after checking the header."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f, skipinitialspace=True)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        _missing_columns_error(path, columns, required)
-        for row in reader:
-            if None in row:  # DictReader's key for values beyond the header.
-                raise EchonetDataError(
-                    f"{path}, line {reader.line_num}: more values than header columns; "
-                    "quote values containing commas."
-                )
-            yield {k.strip(): (v or "").strip() for k, v in row.items()}, reader.line_num
+    return read_csv_dicts(
+        path, required, EchonetDataError, header_rule=f"must be {','.join(required)}"
+    )
 
 
 def _number(row: dict[str, str], column: str, line: int, path: str, *, optional=False) -> float:
@@ -194,10 +180,7 @@ def _number(row: dict[str, str], column: str, line: int, path: str, *, optional=
     value = row[column]
     if not value and optional:
         return math.nan
-    try:
-        number = float(value)
-    except ValueError:
-        number = math.nan
+    number = float_or_nan(value)
     if not math.isfinite(number):
         empty = " or leave it empty if unknown" if optional else ""
         raise EchonetDataError(
@@ -216,10 +199,6 @@ def _integer(row: dict[str, str], column: str, line: int, path: str, *, minimum:
     return int(number)
 
 
-def _stem(filename: str) -> str:
-    return filename[:-4] if filename.lower().endswith(".avi") else filename
-
-
 def read_file_list(manual_dir: str) -> list[VideoRecord]:
     """Parses FileList.csv (see module docstring); does not look at the video files."""
     path = os.path.join(manual_dir, FILE_LIST)
@@ -230,7 +209,7 @@ def read_file_list(manual_dir: str) -> list[VideoRecord]:
         )
     records, seen = [], {}
     for row, line in _read_csv(path, FILE_LIST_COLUMNS):
-        filename = _stem(row["FileName"])
+        filename = strip_extension(row["FileName"], ".avi")
         if not filename:
             raise EchonetDataError(f"{path}, line {line}, column FileName: empty file name.")
         if filename in seen:
@@ -279,7 +258,7 @@ def read_volume_tracings(manual_dir: str) -> dict[str, Tracings] | None:
         return None
     tracings: dict[str, Tracings] = collections.defaultdict(dict)
     for row, line in _read_csv(path, TRACING_COLUMNS):
-        filename = _stem(row["FileName"])
+        filename = strip_extension(row["FileName"], ".avi")
         if not filename:
             raise EchonetDataError(f"{path}, line {line}, column FileName: empty file name.")
         frame = _integer(row, "Frame", line, path, minimum=0)
@@ -335,12 +314,7 @@ class EchonetDynamic(tfds.core.GeneratorBasedBuilder):
         self.build_summary: BuildSummary | None = None
         super().__init__(**kwargs)
 
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls) -> epath.Path:
-        # TFDS 4.9.10 resolves this for builders in sub-packages through `importlib_resources`,
-        # a dependency it only declares for Python < 3.9; this file is the answer anyway.
-        return epath.Path(__file__)
+    code_path = code_path_property(__file__)
 
     def _info(self) -> tfds.core.DatasetInfo:
         def mask() -> tfds.features.Tensor:
@@ -356,14 +330,7 @@ class EchonetDynamic(tfds.core.GeneratorBasedBuilder):
             features=tfds.features.FeaturesDict(
                 {
                     "filename": tfds.features.Text(),
-                    # Raw bytes, not zlib: speckle barely compresses (to ~0.67), and
-                    # inflating a video took 80 % of the time to read one; uncompressed a
-                    # clip is read about 4x faster.
-                    "video": tfds.features.Tensor(
-                        shape=(None, FRAME_SIZE, FRAME_SIZE, 1),
-                        dtype=np.uint8,
-                        encoding=tfds.features.Encoding.BYTES,
-                    ),
+                    "video": video_feature(FRAME_SIZE),
                     "fps": tfds.features.Scalar(dtype=np.float32),
                     "ef": tfds.features.Scalar(dtype=np.float32),
                     "edv": tfds.features.Scalar(dtype=np.float32),
@@ -386,17 +353,15 @@ class EchonetDynamic(tfds.core.GeneratorBasedBuilder):
         if not records:
             raise EchonetDataError(f"{os.path.join(manual_dir, FILE_LIST)} lists no videos.")
         summary = BuildSummary()
-        videos_dir = os.path.join(manual_dir, VIDEOS_DIR)
-        missing = [r for r in records if not os.path.isfile(r.path)]
-        if missing and not self._skip_missing_videos:
-            where = "" if os.path.isdir(videos_dir) else f" (the folder {videos_dir} is missing)"
-            raise EchonetDataError(
-                f"{len(missing)} video file(s) listed in {os.path.join(manual_dir, FILE_LIST)} "
-                f"do not exist{where}: {', '.join(r.path for r in missing)}. Add them, remove "
-                "their rows, or build with skip_missing_videos=True (--skip_missing_videos)."
-            )
+        records, missing = drop_missing_videos(
+            records,
+            lambda r: r.path,
+            listed_in=os.path.join(manual_dir, FILE_LIST),
+            videos_dir=os.path.join(manual_dir, VIDEOS_DIR),
+            skip=self._skip_missing_videos,
+            error=EchonetDataError,
+        )
         summary.missing_videos = [r.filename for r in missing]
-        records = [r for r in records if os.path.isfile(r.path)]
         if not records:
             raise EchonetDataError(f"None of the videos listed in {FILE_LIST} exist.")
 
@@ -411,41 +376,14 @@ class EchonetDynamic(tfds.core.GeneratorBasedBuilder):
         summary.ignored_tracing_files = sorted(set(tracings) - listed)
         summary.unlabelled_videos = sum(math.isnan(r.ef) for r in records)
 
-        splits = {
-            name: [r for r in records if r.split == name]
-            for name in ("train", "validation", "test")
-        }
-        splits = {name: split for name, split in splits.items() if split}
-        pending = set(splits)
-
-        def generate(name: str, split_records: list[VideoRecord]):
-            count = 0
-            for example in self._generate_examples(split_records, tracings, summary):
-                count += 1
-                yield example
-            summary.examples[name] = count
-            if not count:
-                raise EchonetDataError(
-                    f"No video of the {name} split could be read; see the errors logged above."
-                )
-            pending.discard(name)
-            if not pending:
-                self._finish(summary)
-
-        return {name: generate(name, split) for name, split in splits.items()}
-
-    def _finish(self, summary: BuildSummary) -> None:
-        """Logs the summary and stores it in the dataset info (written after generation)."""
-        self.build_summary = summary
-        self.info.metadata["build_summary"] = summary.as_dict()
-        problems = (
-            summary.missing_videos,
-            summary.unreadable_videos,
-            summary.untraced_videos,
-            summary.dropped_traced_frames,
-            summary.ignored_tracing_files,
+        return counted_splits(
+            group_by_split(records, lambda r: r.split),
+            lambda name, split: self._generate_examples(split, tracings, summary),
+            summary.examples,
+            error=EchonetDataError,
+            unit="video",
+            on_done=lambda: finish_build(self, summary, logger),
         )
-        logger.log(logging.WARNING if any(problems) else logging.INFO, summary.report())
 
     def _generate_examples(
         self,
@@ -454,20 +392,15 @@ class EchonetDynamic(tfds.core.GeneratorBasedBuilder):
         summary: BuildSummary,
     ) -> Iterator[tuple[str, dict]]:
         for record in records:
-            try:
-                video, container_fps = read_video_gray(record.path, record.num_frames)
-            except VideoReadError as e:
-                logger.error("Skipping %s: %s", record.filename, e)
-                summary.unreadable_videos.append(record.filename)
+            decoded = read_video_or_skip(
+                record.path, record.filename, record.num_frames, summary.unreadable_videos, logger
+            )
+            if decoded is None:
                 continue
+            video, container_fps = decoded
             height, width = video.shape[1:]
             if (height, width) != (FRAME_SIZE, FRAME_SIZE):
-                video = np.stack(
-                    [
-                        cv2.resize(f, (FRAME_SIZE, FRAME_SIZE), interpolation=cv2.INTER_AREA)
-                        for f in video
-                    ]
-                )
+                video = resize_frames(video, FRAME_SIZE)
                 summary.resized_videos.append(record.filename)
             masks = self._masks(
                 record.filename,

@@ -47,6 +47,7 @@ import os
 
 import cv2
 import numpy as np
+from medjax_datasets.common import new_output_dir, random_hex_ids
 from medjax_datasets.echonet_dynamic.echonet_dynamic import (
     FILE_LIST_COLUMNS,
     TRACING_COLUMNS,
@@ -319,17 +320,10 @@ def synthesize(out_dir: str | os.PathLike, num: int, seed: int) -> None:
     """
     if num < 1:
         raise ValueError(f"num must be >= 1, got {num}")
-    out_dir = os.fspath(out_dir)
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise FileExistsError(f"{out_dir!r} is not empty; synthesize into a new directory.")
-    os.makedirs(os.path.join(out_dir, "Videos"), exist_ok=True)
+    out_dir = new_output_dir(out_dir, ("Videos",))
 
     rng = np.random.default_rng(seed)
-    names = []
-    while len(names) < num:
-        name = "0X" + rng.bytes(8).hex().upper()
-        if name not in names:
-            names.append(name)
+    names = random_hex_ids(rng, num, "0X", 8)
     target_efs = _target_efs(rng, num)
     splits = _splits(rng, num)
     ed_first_count = max(1, math.floor(ED_FIRST_SHARE * num + 0.5)) if num >= 2 else 0

@@ -85,7 +85,6 @@ options are stored in `builder.info.metadata["build_options"]`.
 import collections
 import csv
 import dataclasses
-import hashlib
 import logging
 import math
 import os
@@ -95,7 +94,16 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
+from medjax_datasets.common import (
+    SummaryReport,
+    code_path_property,
+    counted_splits,
+    finish_build,
+    float_or_nan,
+    group_by_split,
+    split_patients_by_hash,
+    video_feature,
+)
 
 from medjax.preprocess.embryo import LOCALIZE_FRAMES, crop_video
 from medjax.preprocess.image import ImageReadError, read_grayscale
@@ -122,7 +130,6 @@ DEFAULT_OPTIONS = {
     "allow_unlabelled": False,
 }
 BUILD_OPTIONS = tuple(DEFAULT_OPTIONS)
-SUMMARY_NAMES_LOGGED = 10
 
 _DESCRIPTION = """\
 Time-lapse videos of developing human embryos (central focal plane), cropped to the embryo,
@@ -163,8 +170,10 @@ class VideoPlan:
 
 
 @dataclasses.dataclass
-class BuildSummary:
+class BuildSummary(SummaryReport):
     """What a build kept and left out; see the module docstring."""
+
+    TITLE = "Embryo time-lapse build summary:"
 
     examples: dict[str, int] = dataclasses.field(default_factory=dict)
     videos_found: int = 0
@@ -184,53 +193,37 @@ class BuildSummary:
     localization: dict[str, int] = dataclasses.field(default_factory=dict)
     centre_fallback_videos: list[str] = dataclasses.field(default_factory=list)
 
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def problems(self) -> bool:
-        return any(
-            (
-                self.missing_time_files, self.decreasing_times, self.duplicate_frame_numbers,
-                self.too_few_frames, self.truncated_frames, self.unreadable_frames,
-                self.odd_size_frames, self.centre_fallback_videos,
-            )
-        )  # fmt: skip
-
-    def report(self) -> str:
-        unlabelled = "kept with outcome -1" if self.unlabelled_kept else "left out"
-        lines = [
-            "Embryo time-lapse build summary:",
+    def head_lines(self) -> list[str]:
+        (examples,) = super().head_lines()
+        return [
             f"  video folders found: {self.videos_found}",
-            "  examples per split: "
-            + ", ".join(f"{k}={v}" for k, v in sorted(self.examples.items())),
+            examples,
             "  localisation methods: "
             + ", ".join(f"{k}={v}" for k, v in sorted(self.localization.items())),
         ]
-        for label, names in (
-            (f"videos without an outcome ({unlabelled})", self.unlabelled_videos),
+
+    def named_lists(self) -> list[tuple[str, list[str], bool]]:
+        unlabelled = "kept with outcome -1" if self.unlabelled_kept else "left out"
+        return [
+            (f"videos without an outcome ({unlabelled})", self.unlabelled_videos, False),
             ("outcomes.csv rows without a video folder (ignored)",
-             self.outcome_rows_without_video),
-            ("videos without a time-elapsed file (skipped)", self.missing_time_files),
+             self.outcome_rows_without_video, False),
+            ("videos without a time-elapsed file (skipped)", self.missing_time_files, True),
             ("videos whose times decrease with the frame number (skipped)",
-             self.decreasing_times),
+             self.decreasing_times, True),
             ("videos with two files for one frame number (skipped)",
-             self.duplicate_frame_numbers),
-            ("videos with too few frames (skipped)", self.too_few_frames),
-            ("truncated JPEG frames (skipped)", self.truncated_frames),
-            ("undecodable frames (skipped)", self.unreadable_frames),
-            ("frames of another size than their video (skipped)", self.odd_size_frames),
+             self.duplicate_frame_numbers, True),
+            ("videos with too few frames (skipped)", self.too_few_frames, True),
+            ("truncated JPEG frames (skipped)", self.truncated_frames, True),
+            ("undecodable frames (skipped)", self.unreadable_frames, True),
+            ("frames of another size than their video (skipped)", self.odd_size_frames, True),
             ("videos with frames without a time (those frames skipped)",
-             self.frames_without_time),
-            ("videos without a phases file (kept, phases -1)", self.unannotated_videos),
-            ("files ignored in video folders", self.ignored_files),
+             self.frames_without_time, False),
+            ("videos without a phases file (kept, phases -1)", self.unannotated_videos, False),
+            ("files ignored in video folders", self.ignored_files, False),
             ("videos where no embryo was found (cropped at the frame centre)",
-             self.centre_fallback_videos),
-        ):  # fmt: skip
-            shown = list(names[:SUMMARY_NAMES_LOGGED])
-            if len(names) > len(shown):
-                shown.append(f"... {len(names) - len(shown)} more")
-            lines.append(f"  {label}: {len(names)}" + (f" [{', '.join(shown)}]" if names else ""))
-        return "\n".join(lines)
+             self.centre_fallback_videos, True),
+        ]  # fmt: skip
 
 
 def _rows(path: str) -> Iterator[tuple[list[str], int]]:
@@ -244,10 +237,7 @@ def _rows(path: str) -> Iterator[tuple[list[str], int]]:
 
 
 def _int(value: str, path: str, line: int, what: str) -> int:
-    try:
-        number = float(value)
-    except ValueError:
-        number = math.nan
+    number = float_or_nan(value)
     if not math.isfinite(number) or number != int(number) or number < 0:
         raise EmbryoDataError(
             f"{path}, line {line}: {what} {value!r} is not a whole number >= 0; fix the file."
@@ -306,10 +296,7 @@ def read_times(path: str) -> dict[int, float]:
             continue  # The header line.
         first = False
         frame = _int(cells[0], path, line, "frame_index")
-        try:
-            hours = float(cells[1])
-        except ValueError:
-            hours = math.nan
+        hours = float_or_nan(cells[1])
         if not math.isfinite(hours):
             raise EmbryoDataError(
                 f"{path}, line {line}: time {cells[1]!r} is not a number of hours; fix the file."
@@ -402,18 +389,11 @@ def patient_of_video(video_id: str) -> str:
 
 def split_patients(patients: Sequence[str], explicit: dict[str, str]) -> dict[str, str]:
     """Maps each patient to a split: `explicit` ones keep theirs, the rest are cut 70/15/15."""
-
-    def rank(patient: str) -> str:
-        return hashlib.sha256(f"{SPLIT_SEED}/{patient}".encode()).hexdigest()
-
-    free = sorted({p for p in patients if p not in explicit}, key=rank)
-    assignment, start = {}, 0
+    free = {p for p in patients if p not in explicit}
     if len(free) >= 3:
-        for split, fraction in SPLIT_FRACTIONS.items():
-            count = max(1, math.floor(fraction * len(free) + 0.5))
-            assignment.update({p: split for p in free[start : start + count]})
-            start += count
-    assignment.update({p: "train" for p in free[start:]})
+        assignment = split_patients_by_hash(free, SPLIT_SEED, tuple(SPLIT_FRACTIONS.items()))
+    else:
+        assignment = {p: "train" for p in free}
     assignment.update({p: explicit[p] for p in patients if p in explicit})
     return assignment
 
@@ -517,12 +497,7 @@ class EmbryoTimelapse(tfds.core.GeneratorBasedBuilder):
         self.build_summary: BuildSummary | None = None
         super().__init__(**kwargs)
 
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls) -> epath.Path:
-        # TFDS 4.9.10 resolves this for builders in sub-packages through `importlib_resources`,
-        # a dependency it only declares for Python < 3.9; this file is the answer anyway.
-        return epath.Path(__file__)
+    code_path = code_path_property(__file__)
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
@@ -532,11 +507,7 @@ class EmbryoTimelapse(tfds.core.GeneratorBasedBuilder):
                 {
                     "video_id": tfds.features.Text(),
                     "patient_id": tfds.features.Text(),
-                    "frames": tfds.features.Tensor(
-                        shape=(None, None, None, 1),
-                        dtype=np.uint8,
-                        encoding=tfds.features.Encoding.BYTES,
-                    ),
+                    "frames": video_feature(),
                     "frame_index": tfds.features.Tensor(shape=(None,), dtype=np.int32),
                     "hours": tfds.features.Tensor(shape=(None,), dtype=np.float32),
                     "phase": tfds.features.Tensor(shape=(None,), dtype=np.int32),
@@ -552,28 +523,16 @@ class EmbryoTimelapse(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         manual_dir = os.fspath(dl_manager.manual_dir)
         plans, summary = self.plan(manual_dir)
-        splits = {
-            name: [p for p in plans if p.split == name] for name in ("train", "validation", "test")
-        }
-        splits = {name: split for name, split in splits.items() if split}
-        pending = set(splits)
         self.info.metadata["build_options"] = dict(self.options)
-
-        def generate(name: str, split_plans: list[VideoPlan]):
-            count = 0
-            for example in self._generate_examples(split_plans, summary):
-                count += 1
-                yield example
-            summary.examples[name] = count
-            if not count:
-                raise EmbryoDataError(
-                    f"No video of the {name} split could be built; see the errors logged above."
-                )
-            pending.discard(name)
-            if not pending:
-                self._finish(summary)
-
-        return {name: generate(name, split) for name, split in splits.items()}
+        return counted_splits(
+            group_by_split(plans, lambda p: p.split),
+            lambda name, split: self._generate_examples(split, summary),
+            summary.examples,
+            error=EmbryoDataError,
+            unit="video",
+            verb="built",
+            on_done=lambda: finish_build(self, summary, logger),
+        )
 
     def plan(self, manual_dir: str) -> tuple[list[VideoPlan], BuildSummary]:
         """Reads the CSVs and lists the frames of every video, without decoding any frame.
@@ -720,12 +679,6 @@ class EmbryoTimelapse(tfds.core.GeneratorBasedBuilder):
             hours=hours[chosen].astype(np.float32),
             phase=phase,
         )
-
-    def _finish(self, summary: BuildSummary) -> None:
-        """Logs the summary and stores it in the dataset info (written after generation)."""
-        self.build_summary = summary
-        self.info.metadata["build_summary"] = summary.as_dict()
-        logger.log(logging.WARNING if summary.problems() else logging.INFO, summary.report())
 
     def _generate_examples(
         self, plans: list[VideoPlan], summary: BuildSummary

@@ -45,6 +45,7 @@ import os
 
 import cv2
 import numpy as np
+from medjax_datasets.common import new_output_dir
 from medjax_datasets.embryo_timelapse.embryo_timelapse import (
     ANNOTATIONS_DIR,
     FRAMES_DIR,
@@ -421,11 +422,7 @@ def synthesize(
             f"Need num >= 1, num_frames >= 2 and image_size >= 48; got {num}, {num_frames}, "
             f"{image_size}."
         )
-    out_dir = os.fspath(out_dir)
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise FileExistsError(f"{out_dir!r} is not empty; synthesize into a new directory.")
-    for folder in (FRAMES_DIR, ANNOTATIONS_DIR, TIMES_DIR):
-        os.makedirs(os.path.join(out_dir, folder), exist_ok=True)
+    out_dir = new_output_dir(out_dir, (FRAMES_DIR, ANNOTATIONS_DIR, TIMES_DIR))
 
     rng = np.random.default_rng(seed)
     outcomes = _outcomes(rng, num)

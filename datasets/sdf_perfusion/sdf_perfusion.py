@@ -79,21 +79,30 @@ counted in a build summary, logged when generation ends and stored in
 """
 
 import collections
-import csv
 import dataclasses
-import hashlib
 import logging
 import math
 import os
 import textwrap
 from collections.abc import Iterator, Sequence
 
-import cv2
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
-
-from medjax.preprocess.video import VideoReadError, read_video_gray
+from medjax_datasets.common import (
+    SummaryReport,
+    code_path_property,
+    counted_splits,
+    drop_missing_videos,
+    finish_build,
+    float_or_nan,
+    group_by_split,
+    read_csv_dicts,
+    read_video_or_skip,
+    resize_frames,
+    split_patients_by_hash,
+    strip_extension,
+    video_feature,
+)
 
 LABELS_FILE = "labels.csv"
 VIDEOS_DIR = "videos"
@@ -106,7 +115,6 @@ SPLIT_SALT = "sdf_perfusion/patient-split/v1"
 MAX_SCORE = 3
 MISSING_SCORE = -1
 DEFAULT_OPTIONS = {"frame_size": 64, "num_frames": 32, "frame_stride": 1}
-SUMMARY_NAMES_LOGGED = 10
 
 _DESCRIPTION = """\
 Sidestream dark-field (SDF) microcirculation videos with per-quadrant microvascular flow index
@@ -133,8 +141,10 @@ class VideoRecord:
 
 
 @dataclasses.dataclass
-class BuildSummary:
+class BuildSummary(SummaryReport):
     """What a build kept and left out; see the module docstring."""
+
+    TITLE = "SDF perfusion build summary:"
 
     examples: dict[str, int] = dataclasses.field(default_factory=dict)
     unlabelled_videos: list[str] = dataclasses.field(default_factory=list)
@@ -142,29 +152,17 @@ class BuildSummary:
     unreadable_videos: list[str] = dataclasses.field(default_factory=list)
     unlisted_videos: list[str] = dataclasses.field(default_factory=list)
 
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def report(self) -> str:
-        lines = [
-            "SDF perfusion build summary:",
-            "  examples per split: "
-            + ", ".join(f"{k}={v}" for k, v in sorted(self.examples.items())),
-        ]
-        for label, names in (
-            ("rows without any scored quadrant (skipped)", self.unlabelled_videos),
-            ("missing video files (skipped)", self.missing_videos),
-            ("unreadable or too short videos (skipped)", self.unreadable_videos),
+    def named_lists(self) -> list[tuple[str, list[str], bool]]:
+        return [
+            ("rows without any scored quadrant (skipped)", self.unlabelled_videos, True),
+            ("missing video files (skipped)", self.missing_videos, True),
+            ("unreadable or too short videos (skipped)", self.unreadable_videos, True),
             (
                 f"videos in {VIDEOS_DIR}/ without a {LABELS_FILE} row (ignored)",
                 self.unlisted_videos,
+                False,
             ),
-        ):
-            shown = list(names[:SUMMARY_NAMES_LOGGED])
-            if len(names) > len(shown):
-                shown.append(f"... {len(names) - len(shown)} more")
-            lines.append(f"  {label}: {len(names)}" + (f" [{', '.join(shown)}]" if names else ""))
-        return "\n".join(lines)
+        ]
 
 
 def mfi(scores: Sequence[int]) -> float:
@@ -196,17 +194,10 @@ def flow_class(scores: Sequence[int]) -> int:
     return min(counts, key=lambda score: (-counts[score], score))
 
 
-def _stem(video_id: str) -> str:
-    return video_id[:-4] if video_id.lower().endswith(".avi") else video_id
-
-
 def _score(value: str, column: str, line: int, path: str) -> int:
     if not value:
         return MISSING_SCORE
-    try:
-        number = float(value)
-    except ValueError:
-        number = math.nan
+    number = float_or_nan(value)
     if not (math.isfinite(number) and number == int(number) and 0 <= number <= MAX_SCORE):
         raise SdfDataError(
             f"{path}, line {line}, column {column}: {value!r} is not an MFI score 0, 1, 2 or 3; "
@@ -233,57 +224,46 @@ def read_labels(manual_dir: str) -> list[VideoRecord]:
             f"{path} does not exist.\n{textwrap.dedent(SdfPerfusion.MANUAL_DOWNLOAD_INSTRUCTIONS)}"
         )
     records, seen = [], {}
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f, skipinitialspace=True)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        missing = [c for c in LABEL_COLUMNS if c not in columns]
-        if missing:
+    rows = read_csv_dicts(
+        path,
+        LABEL_COLUMNS,
+        SdfDataError,
+        header_rule=f"must be {','.join(LABEL_COLUMNS)}[,{SPLIT_COLUMN}]",
+    )
+    for row, line in rows:
+        video_id = strip_extension(row["video_id"], ".avi")
+        if not video_id:
+            raise SdfDataError(f"{path}, line {line}, column video_id: empty video id.")
+        if video_id in seen:
             raise SdfDataError(
-                f"{path} lacks the required column(s) {', '.join(missing)}; its header must be "
-                f"{','.join(LABEL_COLUMNS)}[,{SPLIT_COLUMN}] (found {','.join(columns) or 'nothing'})."
+                f"{path}, line {line}, column video_id: {video_id!r} already appears on "
+                f"line {seen[video_id]}; video ids must be unique."
             )
-        has_split = SPLIT_COLUMN in columns
-        for raw_row in reader:
-            line = reader.line_num
-            if None in raw_row:  # DictReader's key for values beyond the header.
-                raise SdfDataError(
-                    f"{path}, line {line}: more values than header columns; "
-                    "quote values containing commas."
-                )
-            row = {k.strip(): (v or "").strip() for k, v in raw_row.items()}
-            video_id = _stem(row["video_id"])
-            if not video_id:
-                raise SdfDataError(f"{path}, line {line}, column video_id: empty video id.")
-            if video_id in seen:
-                raise SdfDataError(
-                    f"{path}, line {line}, column video_id: {video_id!r} already appears on "
-                    f"line {seen[video_id]}; video ids must be unique."
-                )
-            seen[video_id] = line
-            if not row["patient_id"]:
-                raise SdfDataError(
-                    f"{path}, line {line}, column patient_id: empty patient id; every video "
-                    "needs one (the splits are by patient)."
-                )
-            split = None
-            if has_split:
-                split = SPLIT_NAMES.get(row[SPLIT_COLUMN].lower())
-                if split is None:
-                    raise SdfDataError(
-                        f"{path}, line {line}, column {SPLIT_COLUMN}: {row[SPLIT_COLUMN]!r} is not "
-                        "train, validation (or val) or test; fix it, or drop the column to "
-                        "split by patient automatically."
-                    )
-            records.append(
-                VideoRecord(
-                    video_id=video_id,
-                    patient_id=row["patient_id"],
-                    scores=tuple(_score(row[c], c, line, path) for c in QUADRANT_COLUMNS),
-                    split=split,
-                    line=line,
-                    path=os.path.join(manual_dir, VIDEOS_DIR, f"{video_id}.avi"),
-                )
+        seen[video_id] = line
+        if not row["patient_id"]:
+            raise SdfDataError(
+                f"{path}, line {line}, column patient_id: empty patient id; every video "
+                "needs one (the splits are by patient)."
             )
+        split = None
+        if SPLIT_COLUMN in row:
+            split = SPLIT_NAMES.get(row[SPLIT_COLUMN].lower())
+            if split is None:
+                raise SdfDataError(
+                    f"{path}, line {line}, column {SPLIT_COLUMN}: {row[SPLIT_COLUMN]!r} is not "
+                    "train, validation (or val) or test; fix it, or drop the column to "
+                    "split by patient automatically."
+                )
+        records.append(
+            VideoRecord(
+                video_id=video_id,
+                patient_id=row["patient_id"],
+                scores=tuple(_score(row[c], c, line, path) for c in QUADRANT_COLUMNS),
+                split=split,
+                line=line,
+                path=os.path.join(manual_dir, VIDEOS_DIR, f"{video_id}.avi"),
+            )
+        )
     return records
 
 
@@ -299,24 +279,14 @@ def split_patients(patient_ids: Sequence[str]) -> dict[str, str]:
     Raises:
       SdfDataError: fewer than 3 patients.
     """
-
-    def rank(patient_id: str) -> str:
-        return hashlib.sha256(f"{SPLIT_SALT}/{patient_id}".encode()).hexdigest()
-
-    patients = sorted(set(patient_ids), key=rank)
+    patients = set(patient_ids)
     if len(patients) < 3:
         raise SdfDataError(
             f"{LABELS_FILE} has {len(patients)} patient(s); at least 3 are needed for "
             f"patient-disjoint train/validation/test splits. Add a {SPLIT_COLUMN} column to "
             "choose the splits yourself."
         )
-    assignment, start = {}, 0
-    for split, fraction in SPLIT_FRACTIONS.items():
-        count = max(1, math.floor(fraction * len(patients) + 0.5))
-        assignment.update({p: split for p in patients[start : start + count]})
-        start += count
-    assignment.update({p: "train" for p in patients[start:]})
-    return assignment
+    return split_patients_by_hash(patients, SPLIT_SALT, tuple(SPLIT_FRACTIONS.items()))
 
 
 def assign_splits(records: Sequence[VideoRecord], path: str = LABELS_FILE) -> dict[str, str]:
@@ -415,12 +385,7 @@ class SdfPerfusion(tfds.core.GeneratorBasedBuilder):
         else:
             self.build_options = given
 
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls) -> epath.Path:
-        # TFDS 4.9.10 resolves this for builders in sub-packages through `importlib_resources`,
-        # a dependency it only declares for Python < 3.9; this file is the answer anyway.
-        return epath.Path(__file__)
+    code_path = code_path_property(__file__)
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
@@ -430,13 +395,8 @@ class SdfPerfusion(tfds.core.GeneratorBasedBuilder):
                 {
                     "video_id": tfds.features.Text(),
                     "patient_id": tfds.features.Text(),
-                    # Shape left open so that a build's frame options need not be known to
-                    # read it; raw bytes, as for EchoNet, so a clip is read without inflating.
-                    "video": tfds.features.Tensor(
-                        shape=(None, None, None, 1),
-                        dtype=np.uint8,
-                        encoding=tfds.features.Encoding.BYTES,
-                    ),
+                    # Frame size left open: a build's frame options need not be known to read it.
+                    "video": video_feature(),
                     "fps": tfds.features.Scalar(dtype=np.float32),
                     "quadrant_scores": tfds.features.Tensor(shape=(4,), dtype=np.int32),
                     "mfi": tfds.features.Scalar(dtype=np.float32),
@@ -468,49 +428,27 @@ class SdfPerfusion(tfds.core.GeneratorBasedBuilder):
         for video_id in summary.unlabelled_videos:
             logger.warning("Skipping %s: no quadrant of it is scored in %s.", video_id, labels_path)
         records = [r for r in records if flow_class(r.scores) >= 0]
-        missing = [r for r in records if not os.path.isfile(r.path)]
-        if missing and not self._skip_missing_videos:
-            where = "" if os.path.isdir(videos_dir) else f" (the folder {videos_dir} is missing)"
-            raise SdfDataError(
-                f"{len(missing)} video file(s) listed in {labels_path} do not exist{where}: "
-                f"{', '.join(r.path for r in missing)}. Add them, remove their rows, or build "
-                "with skip_missing_videos=True (--skip_missing_videos)."
-            )
+        records, missing = drop_missing_videos(
+            records,
+            lambda r: r.path,
+            listed_in=labels_path,
+            videos_dir=videos_dir,
+            skip=self._skip_missing_videos,
+            error=SdfDataError,
+        )
         summary.missing_videos = [r.video_id for r in missing]
-        records = [r for r in records if os.path.isfile(r.path)]
         if not records:
             raise SdfDataError(f"None of the labelled videos listed in {labels_path} exist.")
 
         self.info.metadata["build_options"] = dict(self.build_options)
-        splits = {
-            name: [r for r in records if splits_of[r.video_id] == name]
-            for name in ("train", "validation", "test")
-        }
-        splits = {name: split for name, split in splits.items() if split}
-        pending = set(splits)
-
-        def generate(name: str, split_records: list[VideoRecord]):
-            count = 0
-            for example in self._generate_examples(split_records, name, summary):
-                count += 1
-                yield example
-            summary.examples[name] = count
-            if not count:
-                raise SdfDataError(
-                    f"No video of the {name} split could be read; see the errors logged above."
-                )
-            pending.discard(name)
-            if not pending:
-                self._finish(summary)
-
-        return {name: generate(name, split) for name, split in splits.items()}
-
-    def _finish(self, summary: BuildSummary) -> None:
-        """Logs the summary and stores it in the dataset info (written after generation)."""
-        self.build_summary = summary
-        self.info.metadata["build_summary"] = summary.as_dict()
-        problems = (summary.unlabelled_videos, summary.missing_videos, summary.unreadable_videos)
-        logger.log(logging.WARNING if any(problems) else logging.INFO, summary.report())
+        return counted_splits(
+            group_by_split(records, lambda r: splits_of[r.video_id]),
+            lambda name, split: self._generate_examples(split, name, summary),
+            summary.examples,
+            error=SdfDataError,
+            unit="video",
+            on_done=lambda: finish_build(self, summary, logger),
+        )
 
     def _generate_examples(
         self, records: list[VideoRecord], split: str, summary: BuildSummary
@@ -519,17 +457,15 @@ class SdfPerfusion(tfds.core.GeneratorBasedBuilder):
         count, stride = self.build_options["num_frames"], self.build_options["frame_stride"]
         needed = (count - 1) * stride + 1
         for record in records:
-            try:
-                video, fps = read_video_gray(record.path, needed)
-            except VideoReadError as e:
-                logger.error("Skipping %s: %s", record.video_id, e)
-                summary.unreadable_videos.append(record.video_id)
+            decoded = read_video_or_skip(
+                record.path, record.video_id, needed, summary.unreadable_videos, logger
+            )
+            if decoded is None:
                 continue
+            video, fps = decoded
             video = video[:needed:stride]
             if video.shape[1:] != (size, size):
-                video = np.stack(
-                    [cv2.resize(f, (size, size), interpolation=cv2.INTER_AREA) for f in video]
-                )
+                video = resize_frames(video, size)
             yield (
                 record.video_id,
                 {

@@ -53,6 +53,7 @@ import os
 
 import cv2
 import numpy as np
+from medjax_datasets.common import new_output_dir, random_hex_ids
 from medjax_datasets.sdf_perfusion.sdf_perfusion import LABEL_COLUMNS
 
 from medjax.preprocess.video import write_video_gray
@@ -463,18 +464,11 @@ def synthesize(
         raise ValueError(
             f"size must be at least 16x16 and num_frames >= 2, got {size}, {num_frames}."
         )
-    out_dir = os.fspath(out_dir)
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise FileExistsError(f"{out_dir!r} is not empty; synthesize into a new directory.")
-    os.makedirs(os.path.join(out_dir, "videos"), exist_ok=True)
+    out_dir = new_output_dir(out_dir, ("videos",))
 
     rng = np.random.default_rng(seed)
     patients = _patients(rng, num)
-    video_ids = []
-    while len(video_ids) < num:
-        video_id = "SDF" + rng.bytes(4).hex().upper()
-        if video_id not in video_ids:
-            video_ids.append(video_id)
+    video_ids = random_hex_ids(rng, num, "SDF", 4)
     bases = _base_states(rng, num)
     rows = []
     for video_id, patient, base, video_rng in zip(video_ids, patients, bases, rng.spawn(num)):

@@ -42,6 +42,12 @@ def _embryo(config: Any):
     return make_task(config)
 
 
+def _perfusion(config: Any):
+    from medjax.tasks.perfusion import make_task
+
+    return make_task(config)
+
+
 # The metrics medjax.main prints after evaluation, where a task reports them.
 HEADLINE_METRICS = (
     "dice",
@@ -70,6 +76,9 @@ HEADLINE_METRICS = (
     "recon_mse",
     "kl",
     "elbo",  # embryo
+    "kappa",
+    "mfi_mae",
+    "quadrant_accuracy",  # perfusion
 )
 
 TASKS = {
@@ -77,6 +86,7 @@ TASKS = {
     "echonet": _echonet,
     "ich": _ich,
     "embryo": _embryo,
+    "perfusion": _perfusion,
 }
 
 
@@ -105,6 +115,10 @@ def fit_without_gradients(config: Any):
         from medjax.tasks.embryo import fit_svm
 
         return fit_svm
+    if config.task == "perfusion" and config.model.name == "classical":
+        from medjax.tasks.perfusion_classical import fit_and_evaluate_classical
+
+        return fit_and_evaluate_classical
     return None
 
 

@@ -1116,6 +1116,9 @@ def fit_svm(config, workdir: str) -> dict:
     Returns:
       The metrics of `config.eval.split` (with 'split', 'classifier' and 'embedder_step').
     """
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
     from sklearn.svm import SVC
 
     if config.svm.video_rule not in ("mean", "vote"):
@@ -1132,13 +1135,19 @@ def fit_svm(config, workdir: str) -> dict:
     class_weight = None
     if config.classify.class_weights == "balanced":
         class_weight = {int(k): float(weights[k]) for k in np.unique(labels)}
-    svc = SVC(
-        C=config.svm.C,
-        kernel=config.svm.kernel,
-        gamma="scale",
-        probability=True,
-        class_weight=class_weight,
-        random_state=config.seed,
+    # Platt-scaled probabilities (what SVC(probability=True) did, which scikit-learn 1.9
+    # deprecates): sigmoids fitted on 3-fold cross-validated decision values, then one SVC fitted
+    # on all frames.
+    # The scaler standardises every column, the time too, so that it weighs in the kernel like
+    # each (already standardised) embedding dimension.
+    svc = CalibratedClassifierCV(
+        make_pipeline(
+            StandardScaler(),
+            SVC(C=config.svm.C, kernel=config.svm.kernel, gamma="scale", class_weight=class_weight),
+        ),
+        method="sigmoid",
+        cv=3,
+        ensemble=False,
     )
     logging.info("Fitting an SVM on %d frames of %d videos.", len(labels), len(videos.videos("train")))
     svc.fit(features, labels)

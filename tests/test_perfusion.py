@@ -1,0 +1,184 @@
+"""Perfusion: flips keep quadrant labels right, the loss masks unscored quadrants, the metrics
+agree with scikit-learn, the ConvLSTM and the CNN-RNN's frozen stage learn the flow class on
+held-out synthetic videos, the classical baselines beat chance, and predict reads an AVI."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from medjax import compare, evaluate, train
+from medjax.tasks import perfusion, perfusion_classical
+from tests.conftest import REPO, load_config
+
+PERFUSION_CONFIG = os.path.join(REPO, "configs", "perfusion.py")
+# Every third native frame: cells of continuous flow move 2-4 px between kept 32-px frames.
+DATA = dict(
+    data__synthetic_num=60,
+    data__frame_size=32,
+    data__num_frames=12,
+    data__frame_stride=3,
+)
+CONVLSTM = dict(
+    model__width=8,
+    model__temporal_pool="mean",
+    train__steps=200,
+    train__eval_every=200,
+    train__checkpoint_every=200,
+    train__warmup_steps=20,
+    train__learning_rate=5e-3,
+    train__log_every=50,
+)
+
+
+def perfusion_config(arg: str, data_dir: str, **extra):
+    return load_config(PERFUSION_CONFIG, arg=arg, data__data_dir=data_dir, **{**DATA, **extra})
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("perfusion_data"))
+
+
+@pytest.fixture(scope="module")
+def convlstm_run(data_dir, tmp_path_factory):
+    config = perfusion_config("model=convlstm", data_dir, **CONVLSTM)
+    workdir = str(tmp_path_factory.mktemp("perfusion_convlstm"))
+    train.train_and_evaluate(config, workdir)
+    result = evaluate.evaluate_checkpoint(config, workdir, checkpoint="latest", split="test")
+    return config, workdir, result
+
+
+# ============================================================================ units
+def test_flips_permute_the_quadrant_scores_with_the_pixels():
+    video = np.zeros((2, 8, 8, 1), np.uint8)
+    for q, (r, c) in enumerate([(0, 0), (0, 4), (4, 0), (4, 4)]):
+        video[:, r : r + 4, c : c + 4] = 10 * (q + 1)  # Quadrant q shows 10 (q + 1).
+    example = {"video": video, "quadrant_scores": np.array([0, 1, 2, 3], np.int32)}
+    for horizontal, vertical, expected in [
+        (True, False, [1, 0, 3, 2]),
+        (False, True, [2, 3, 0, 1]),
+        (True, True, [3, 2, 1, 0]),
+    ]:
+        flipped = perfusion.flip_example(example, horizontal=horizontal, vertical=vertical)
+        assert flipped["quadrant_scores"].tolist() == expected
+        shown = [
+            flipped["video"][0, r, c, 0] // 10 - 1 for r, c in [(0, 0), (0, 4), (4, 0), (4, 4)]
+        ]
+        assert shown == expected  # The score follows the pixels it was given for.
+
+
+def test_loss_ignores_unscored_quadrants():
+    cfg = load_config(PERFUSION_CONFIG, arg="model=convlstm").loss
+    rng = np.random.default_rng(0)
+    outputs = {
+        "video_logits": jnp.asarray(rng.normal(size=(2, 4)), jnp.float32),
+        "quadrant_logits": jnp.asarray(rng.normal(size=(2, 4, 3)), jnp.float32),
+    }
+    scores = jnp.array([[3, -1, 2, 1], [0, 0, -1, -1]])
+    classes = jnp.array([3, 0])
+    loss = perfusion.perfusion_loss(outputs, classes, scores, cfg)
+    changed = dict(outputs)
+    changed["quadrant_logits"] = outputs["quadrant_logits"].at[0, 1].add(5.0).at[1, 3].add(-7.0)
+    np.testing.assert_allclose(perfusion.perfusion_loss(changed, classes, scores, cfg), loss)
+    changed["quadrant_logits"] = outputs["quadrant_logits"].at[0, 0].add(-3.0)
+    assert float(perfusion.perfusion_loss(changed, classes, scores, cfg)[0]) > float(loss[0])
+
+
+def test_metrics_agree_with_scikit_learn():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 4, 40)
+    probs = rng.random((40, 4)) + 2.0 * np.eye(4)[labels] * (rng.random(40) < 0.6)[:, None]
+    scores = rng.integers(-1, 4, (40, 4))
+    scores[:, 0] = np.maximum(scores[:, 0], 0)
+    expected = np.clip(scores + rng.normal(0, 0.4, scores.shape), 0, 3)
+    mfi = np.array([s[s >= 0].mean() for s in scores])
+    result = perfusion.perfusion_metrics(
+        probs, labels, expected, np.rint(expected).astype(int), scores, mfi
+    )
+    pred = probs.argmax(1)
+    assert result["accuracy"] == pytest.approx(skm.accuracy_score(labels, pred))
+    assert result["macro_f1"] == pytest.approx(skm.f1_score(labels, pred, average="macro"))
+    assert result["kappa"] == pytest.approx(
+        skm.cohen_kappa_score(labels, pred, weights="quadratic")
+    )
+    scored = scores >= 0
+    assert result["quadrant_mae"] == pytest.approx(np.abs(expected - scores)[scored].mean())
+    own = np.array([e[s >= 0].mean() for e, s in zip(expected, scores)])
+    assert result["mfi_mae"] == pytest.approx(np.abs(own - mfi).mean())
+    assert np.sum(result["confusion_matrix"]) == 40
+
+
+# ============================================================================ learning
+def test_convlstm_learns_the_flow_class_on_held_out_videos(convlstm_run):
+    config, workdir, result = convlstm_run
+    assert result["num_videos"] >= 8
+    # Always predicting the training mean MFI / the majority class is the baseline to beat.
+    assert result["accuracy"] >= result["majority_accuracy"] + 0.15 or result[
+        "mfi_mae"
+    ] < 0.6 * _mean_mfi_baseline(config), result
+    assert result["kappa"] > 0.3, result
+    out = os.path.join(workdir, "eval", "test")
+    with open(os.path.join(out, "predictions.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == result["num_videos"]
+    accuracy = np.mean([r["flow_class"] == r["predicted_class"] for r in rows])
+    assert accuracy == pytest.approx(result["accuracy"])
+    assert os.path.getsize(os.path.join(out, "confusion_matrix.png")) > 1000
+
+
+def _mean_mfi_baseline(config) -> float:
+    """MAE of the test MFI when always predicting the training videos' mean MFI."""
+    data = perfusion.PerfusionData()
+    data.config = config
+    train_mean = np.mean(data.split_index("train")["mfi"])
+    return float(np.mean(np.abs(np.asarray(data.split_index("test")["mfi"]) - train_mean)))
+
+
+def test_classical_baselines_beat_chance(data_dir, tmp_path):
+    config = perfusion_config(
+        "model=classical",
+        data_dir,
+        classical__pool_size=16,
+        classical__frame_components=2,
+        classical__motion_components=4,
+        classical__neighbours=3,
+    )
+    results = perfusion_classical.fit_and_evaluate_classical(config, str(tmp_path))
+    assert set(results) == {"knn", "lda", "nca_knn"}
+    for method, result in results.items():
+        present = sum(1 for row in result["confusion_matrix"] if sum(row) > 0)
+        assert result["accuracy"] > 1 / present + 0.1 or result["kappa"] > 0.2, (method, result)
+        with open(tmp_path / method / "eval" / "test" / "metrics.json") as f:
+            assert json.load(f)["accuracy"] == pytest.approx(result["accuracy"])
+    table = compare.compare([str(tmp_path / m) for m in results])
+    assert "pca+lda" in table and "kappa" in table.splitlines()[0]
+    assert (tmp_path / "comparison.md").read_text() == table
+
+
+# ============================================================================ inference
+def test_predict_on_a_synthetic_avi_matches_the_evaluation(convlstm_run, data_dir, tmp_path):
+    _, workdir, _ = convlstm_run
+    with open(os.path.join(workdir, "eval", "test", "predictions.csv")) as f:
+        row = next(csv.DictReader(f))
+    (raw,) = glob.glob(os.path.join(data_dir, "raw", "sdf_perfusion_synthetic_*"))
+    avi = os.path.join(raw, "videos", f"{row['video_id']}.avi")
+    (report,) = perfusion.predict_video_files(workdir, [avi], str(tmp_path), checkpoint="latest")
+    assert report["num_frames"] == DATA["data__num_frames"]
+    assert report["flow_class"] == int(row["predicted_class"])
+    assert len(report["quadrant_mfi"]) == 4
+    for q in range(4):  # The same frames as the dataset's, so the same scores.
+        assert report["quadrant_mfi"][q] == pytest.approx(
+            float(row[f"predicted_q{q + 1}"]), abs=2e-3
+        )
+    assert report["mfi"] == pytest.approx(np.mean(report["quadrant_mfi"]), abs=1e-3)
+    with open(tmp_path / f"{row['video_id']}.json") as f:
+        assert json.load(f)["mfi"] == report["mfi"]
+    assert "MFI" in perfusion.summary(report) and "q4" in perfusion.summary(report)
