@@ -71,6 +71,9 @@ def get_config(arg=None):
     config.model = ml_collections.ConfigDict()
     config.model.name = variants.model
     config.model.init_from = ""  # cnn_rnn: a local InceptionV3 weight file (.pth / .h5).
+    # The flow class from the quadrant predictions by the label's rule, or "head" (see
+    # medjax/tasks/perfusion.py).
+    config.model.flow_class_rule = "quadrants"
     config.model.freeze_backbone_steps = 0
     config.model.backbone_lr_multiplier = 1.0
     if variants.model == "convlstm":

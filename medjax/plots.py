@@ -498,3 +498,64 @@ def curve_png(path: str, y, *, marks=(), title: str, xlabel: str, ylabel: str) -
         cv2.polylines(image, [points], False, _POINT, 2, cv2.LINE_AA)
     _save_png(path, image)
     return {"n": int(y.size), "num_marks": len(marks)}
+
+
+def group_scatter_png(
+    path: str, coords, groups, *, names, colours, title: str, xlabel: str, ylabel: str
+) -> None:
+    """A scatter of (N, 2) points coloured by group index (-1: unknown, grey), with a legend.
+
+    Args:
+      path: PNG file to write.
+      coords: (N, 2) points.
+      groups: (N,) ints indexing `names` and `colours` (BGR tuples), or -1.
+      title, xlabel, ylabel: ASCII text.
+    """
+    coords = np.asarray(coords, np.float64)
+    groups = np.asarray(groups, np.int64)
+    image = np.full((560, 640, 3), 255, np.uint8)
+    axes = _Axes(image, (80, 50, 500, 480), coords[:, 0], coords[:, 1])
+    axes.draw_frame(title, xlabel, ylabel)
+    px, py = axes.to_pixels(coords[:, 0], coords[:, 1])
+    for x, y, group in zip(px, py, groups):
+        colour = colours[group] if group >= 0 else _GREY
+        cv2.circle(image, (int(round(x)), int(round(y))), 5, colour, -1, cv2.LINE_AA)
+    legend = list(zip(names, colours))
+    if np.any(groups < 0):
+        legend.append(("unknown", _GREY))
+    for i, (name, colour) in enumerate(legend):
+        y = 70 + 22 * i
+        cv2.circle(image, (515, y - 4), 5, colour, -1, cv2.LINE_AA)
+        _put_text(image, name, 526, y)
+    _save_png(path, image)
+
+
+def confusion_png(path: str, matrix, names, *, title: str) -> None:
+    """The confusion matrix (rows true, columns predicted) as a grid of counts, each cell
+    shaded by its share of the row: green on the diagonal, red off it."""
+    matrix = np.asarray(matrix, np.int64)
+    k = len(names)
+    cell, left, top = 110, 150, 90
+    image = np.full((top + k * cell + 40, left + k * cell + 30, 3), 255, np.uint8)
+    rows = np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    for i in range(k):
+        for j in range(k):
+            shade = int(round(255 - 180 * matrix[i, j] / rows[i, 0]))
+            x0, y0 = left + j * cell, top + i * cell
+            colour = (shade, 255, shade) if i == j else (shade, shade, 255)  # BGR.
+            cv2.rectangle(image, (x0, y0), (x0 + cell, y0 + cell), colour, -1)
+            cv2.rectangle(image, (x0, y0), (x0 + cell, y0 + cell), _BLACK, 1)
+            _put_text(
+                image,
+                str(matrix[i, j]),
+                x0 + cell / 2,
+                y0 + cell / 2 + 6,
+                scale=_LARGE,
+                align="centre",
+            )
+        _put_text(image, names[i][:18], left - 6, top + i * cell + cell / 2 + 4, align="right")
+        _put_text(image, names[i][:18], left + i * cell + cell / 2, top - 8, align="centre")
+    _put_text(image, "predicted", left + k * cell / 2, top - 32, align="centre")
+    _put_text(image, title, (left + k * cell) / 2, 22, scale=_LARGE, align="centre")
+    _put_vertical_text(image, "true", 10, top + k * cell // 2)
+    _save_png(path, image)

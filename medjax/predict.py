@@ -12,6 +12,10 @@ writes <name>.json:
 Head CT (DICOM slice, NIfTI volume, PNG/JPEG): hemorrhage mask, P(hemorrhage), area and volume
 per file; writes <name>.json and <name>.png (the most likely slice, windowed, mask overlaid):
   python -m medjax.predict --config=configs/ich.py --workdir=runs/ich_unet slice.dcm scan.nii
+Embryo time-lapse videos (a folder of frames each: *RUN<k>.jpeg, or images sorted by name):
+outcome probabilities (liveborn, no implantation, miscarriage); writes <video>.json; the LSTM
+stage, or the SVM with --config=configs/embryo.py:stage=classify,classifier=svm:
+  python -m medjax.predict --config=configs/embryo.py --workdir=runs/embryo VIDEO_DIR
 
 Loads the best checkpoint of each stage trained in --workdir and writes, per image,
 `<out>/<name>.json` (quality verdict and P(bad), crown and rump points in image pixels, CRL in

@@ -12,6 +12,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from medjax_datasets.sdf_perfusion.sdf_perfusion import flow_class
 from sklearn import metrics as skm
 
 from medjax import compare, evaluate, train
@@ -90,6 +91,27 @@ def test_loss_ignores_unscored_quadrants():
     np.testing.assert_allclose(perfusion.perfusion_loss(changed, classes, scores, cfg), loss)
     changed["quadrant_logits"] = outputs["quadrant_logits"].at[0, 0].add(-3.0)
     assert float(perfusion.perfusion_loss(changed, classes, scores, cfg)[0]) > float(loss[0])
+
+
+def test_flow_class_probabilities_follow_the_label_rule():
+    rng = np.random.default_rng(2)
+    scores = rng.integers(-1, 4, (64, 4))
+    scores[:3] = [[3, 3, 0, 0], [2, -1, 3, -1], [-1, -1, -1, -1]]
+    onehot = np.eye(4)[np.maximum(scores, 0)]
+    probs = perfusion.mode_class_probs(jnp.asarray(onehot, jnp.float32), jnp.asarray(scores >= 0))
+    expected = [flow_class(s) if flow_class(s) >= 0 else flow_class([0] * 4) for s in scores]
+    np.testing.assert_array_equal(np.argmax(probs, axis=1), expected)
+    np.testing.assert_allclose(probs.max(axis=1), 1.0, atol=1e-5)
+    # Soft quadrant predictions: the exact sum matches sampling scores from them.
+    soft = rng.dirichlet(np.ones(4), size=(2, 4))
+    scored = np.array([[True, True, True, True], [True, False, True, True]])
+    exact = np.asarray(perfusion.mode_class_probs(jnp.asarray(soft, jnp.float32), scored))
+    np.testing.assert_allclose(exact.sum(axis=1), 1.0, atol=1e-5)
+    for b in range(2):
+        draws = np.stack([rng.choice(4, 20000, p=soft[b, q]) for q in range(4)], axis=1)
+        draws[:, ~scored[b]] = -1
+        sampled = np.bincount([flow_class(d) for d in draws], minlength=4) / len(draws)
+        np.testing.assert_allclose(exact[b], sampled, atol=0.015)
 
 
 def test_metrics_agree_with_scikit_learn():

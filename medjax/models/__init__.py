@@ -9,7 +9,12 @@ import flax.linen as nn
 
 # Keys of `config.model` that the trainer reads (local pretrained weights, the fine-tuning
 # schedule) and that are not module attributes; `build_model` drops them.
-NON_MODULE_KEYS = ("init_from", "freeze_backbone_steps", "backbone_lr_multiplier")
+NON_MODULE_KEYS = (
+    "init_from",
+    "freeze_backbone_steps",
+    "backbone_lr_multiplier",
+    "flow_class_rule",  # perfusion: how the flow class is read from the outputs.
+)
 
 
 def _unet(**kwargs: Any) -> nn.Module:

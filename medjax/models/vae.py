@@ -27,9 +27,9 @@ The loss functions return per-example sums over pixels / latent dimensions (shap
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 import optax
 
 RECONSTRUCTION_LOSSES = ("bce", "mse")

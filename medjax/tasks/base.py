@@ -11,14 +11,64 @@ the host and divided once by `finalize_metrics`, so a mean never depends on batc
 from __future__ import annotations
 
 import abc
+import functools
 from typing import Any, Iterator, Mapping
 
 import flax.linen as nn
 import jax
 import numpy as np
 
+from medjax import data as data_lib
+from medjax import parallel
+
 Batch = Mapping[str, Any]
 Variables = Mapping[str, Any]
+
+
+class DatasetAccess:
+    """Mixin: the task's dataset (`config.data.name`), built once on first use (by one
+    process, the others wait; see `parallel.build_once`) and opened as array_record sources.
+
+    `config.data` gives manual_dir ('' = synthetic), data_dir, synthetic_num and synthetic_seed;
+    a class lists in `BUILD_OPTIONS` the further `config.data` keys that are the builder's
+    options (frame size, ...: see `medjax.data`), passed on by name.
+    """
+
+    config: Any
+    BUILD_OPTIONS: tuple[str, ...] = ()
+    _builder = None
+    _sources: dict | None = None
+
+    def builder(self):
+        if self._builder is None:
+            cfg = self.config.data
+            build = functools.partial(
+                data_lib.ensure_built,
+                cfg.name,
+                manual_dir=cfg.manual_dir or None,
+                data_dir=cfg.data_dir,
+                synthetic_num=cfg.synthetic_num,
+                synthetic_seed=cfg.synthetic_seed,
+                **{name: cfg[name] for name in self.BUILD_OPTIONS},
+            )
+            self._builder = parallel.build_once(build)
+        return self._builder
+
+    def sources(self) -> dict:
+        """Split name -> random-access source of records."""
+        if self._sources is None:
+            self._sources = self.builder().as_data_source()
+        return self._sources
+
+    def source(self, split: str):
+        sources = self.sources()
+        if split not in sources:
+            raise ValueError(
+                f"The {self.config.data.name} dataset has no {split!r} split; it has "
+                f"{', '.join(sources)} (a split is left out when no patient falls in it: "
+                "use more data)."
+            )
+        return sources[split]
 
 
 def apply_model(model: nn.Module, variables: Variables, inputs, *, train: bool, rng=None):

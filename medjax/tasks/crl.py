@@ -20,10 +20,10 @@ import functools
 
 import numpy as np
 
-from medjax import data as data_lib
-from medjax import models, parallel
+from medjax import models
 from medjax.input import augment as aug
 from medjax.input import pipeline
+from medjax.tasks.base import DatasetAccess
 from medjax.tasks.segmentation import SegmentationTask
 
 HOST_KEYS = ("id", "patient_id")
@@ -81,33 +81,9 @@ def masked_image(example: dict) -> np.ndarray:
     return example["image"] * (example["mask"] > 0).astype(np.uint8)
 
 
-class CrlData:
+class CrlData(DatasetAccess):
     """The CRL dataset, shared by the three stages. Stages set `train_transform` (a random
     example function applied after the joint augmentation) and `eval_transform`."""
-
-    config: object
-    _sources: dict | None = None
-
-    def sources(self) -> dict:
-        """Builds the dataset if needed (once), then opens its splits as data sources."""
-        if self._sources is None:
-            cfg = self.config.data
-            build = functools.partial(
-                data_lib.ensure_built,
-                cfg.name,
-                manual_dir=cfg.manual_dir or None,
-                data_dir=cfg.data_dir,
-                synthetic_num=cfg.synthetic_num,
-                synthetic_seed=cfg.synthetic_seed,
-            )
-            self._sources = parallel.build_once(build).as_data_source()
-        return self._sources
-
-    def source(self, split: str):
-        sources = self.sources()
-        if split not in sources:
-            raise ValueError(f"Split {split!r} does not exist; available: {', '.join(sources)}.")
-        return sources[split]
 
     def num_examples(self, split):
         return len(self.source(split))

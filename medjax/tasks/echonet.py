@@ -29,7 +29,7 @@ import functools
 import json
 import math
 import os
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +39,7 @@ from medjax import data as data_lib
 from medjax import models, parallel, plots, writers
 from medjax.input import clips as clip_lib
 from medjax.input import pipeline
-from medjax.tasks.base import Task, apply_model
+from medjax.tasks.base import DatasetAccess, Task, apply_model
 from medjax.tasks.segmentation import SegmentationTask
 
 INDEX_VERSION = 1
@@ -81,39 +81,11 @@ def _index_fields(record: dict) -> dict:
     }
 
 
-class EchonetData:
+class EchonetData(DatasetAccess):
     """The echonet_dynamic dataset with its per-split index and training statistics."""
 
-    config: Any
-    _builder = None
-    _sources: dict | None = None
+    BUILD_OPTIONS = ("skip_missing_videos",)
     _index: dict | None = None
-
-    def builder(self):
-        if self._builder is None:
-            cfg = self.config.data
-            build = functools.partial(
-                data_lib.ensure_built,
-                cfg.name,
-                manual_dir=cfg.manual_dir or None,
-                data_dir=cfg.data_dir,
-                synthetic_num=cfg.synthetic_num,
-                synthetic_seed=cfg.synthetic_seed,
-                skip_missing_videos=cfg.skip_missing_videos,
-            )
-            self._builder = parallel.build_once(build)
-        return self._builder
-
-    def sources(self) -> dict:
-        if self._sources is None:
-            self._sources = self.builder().as_data_source()
-        return self._sources
-
-    def source(self, split: str):
-        sources = self.sources()
-        if split not in sources:
-            raise ValueError(f"Split {split!r} does not exist; available: {', '.join(sources)}.")
-        return sources[split]
 
     def _cache_path(self, name: str) -> str:
         return os.path.join(os.fspath(self.builder().data_path), f"medjax_{name}.json")

@@ -34,12 +34,18 @@ the embeddings. The stages share one experiment directory DIR:
   end on frames (encoder initialised from the embed stage; `model.freeze_backbone_steps` and
   `model.backbone_lr_multiplier` apply to it); no embeddings are cached then.
 - `classify` with `classifier=svm` (`fit_svm`, DIR/classify_svm/): no gradient training. A
-  scikit-learn `SVC(probability=True)` is fitted on single-frame features (the same
-  standardised embedding and time) labelled with their video's outcome; a video's class
-  probabilities are the mean of its frames' (`svm.video_rule="mean"`) or their votes
-  (`"vote"`). `python -m medjax.main` calls `fit_svm` (through `medjax.tasks.
-  fit_without_gradients`); it writes `svm.pkl` (a pickle: load only runs you trust) and
-  evaluates the validation split and `eval.split`.
+  scikit-learn SVC (`model.kernel`, `model.C`, every feature standardised, the time too) is
+  fitted on single frames (the same features as the LSTM's) labelled with their video's
+  outcome, its probabilities Platt-scaled on 3-fold cross-validated decision values (what
+  `SVC(probability=True)`, deprecated in scikit-learn 1.9, does). A video's class
+  probabilities are the mean of its frames' (`model.video_rule="mean"`) or their votes
+  (`"vote"`); with `classify.class_weights="balanced"` they are divided by the training
+  frames' class frequencies and renormalised (single frames say little, so averaged frame
+  probabilities stay near those frequencies and would otherwise always name the commonest
+  class). A small C suits: frames of one video look alike, and a large C memorises videos.
+  `python -m medjax.main` calls `fit_svm` (through `medjax.tasks.fit_without_gradients`); it
+  writes `svm.pkl` (a pickle: load only runs you trust) and evaluates the validation split
+  and `eval.split`; `python -m medjax.evaluate` does not apply (no checkpoint).
 
 Classification metrics (both classifiers): accuracy, balanced accuracy, macro F1 (over the
 classes present in the labels or predictions), one-vs-rest ROC AUC per class and their mean
@@ -66,7 +72,7 @@ import json
 import math
 import os
 import pickle
-from typing import Any, Sequence
+from typing import Sequence
 
 import cv2
 import jax
@@ -78,13 +84,13 @@ from medjax_datasets.embryo_timelapse import embryo_timelapse as dataset
 
 from medjax import checkpoint as ckpt_lib
 from medjax import data as data_lib
-from medjax import metrics, models, parallel, plots, writers
+from medjax import metrics, models, plots, writers
 from medjax.input import augment as aug
 from medjax.input import pipeline
 from medjax.models import sequence, vae
 from medjax.preprocess.embryo import LOCALIZE_FRAMES, crop_video
 from medjax.preprocess.image import ImageReadError, read_grayscale
-from medjax.tasks.base import Task, apply_model
+from medjax.tasks.base import DatasetAccess, Task, apply_model
 from medjax.tasks.stages import MissingStageError, load_stage, stage_config
 
 OUTCOMES = dataset.OUTCOMES
@@ -100,46 +106,14 @@ HOST_KEYS = ("video_id", "patient_id")
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp")
 # BGR colours of the outcomes in pictures; grey for an unknown outcome.
 OUTCOME_COLOURS = ((60, 160, 40), (40, 40, 210), (0, 140, 255))
-UNKNOWN_COLOUR = (150, 150, 150)
 
 
 # ============================================================================ data
-class EmbryoData:
+class EmbryoData(DatasetAccess):
     """The embryo_timelapse dataset, built with the config's options, and a per-split index."""
 
-    config: Any
-    _builder = None
-    _sources: dict | None = None
+    BUILD_OPTIONS = dataset.BUILD_OPTIONS
     _index: dict | None = None
-
-    def builder(self):
-        if self._builder is None:
-            cfg = self.config.data
-            build = functools.partial(
-                data_lib.ensure_built,
-                cfg.name,
-                manual_dir=cfg.manual_dir or None,
-                data_dir=cfg.data_dir,
-                synthetic_num=cfg.synthetic_num,
-                synthetic_seed=cfg.synthetic_seed,
-                **{name: cfg[name] for name in dataset.BUILD_OPTIONS},
-            )
-            self._builder = parallel.build_once(build)
-        return self._builder
-
-    def sources(self) -> dict:
-        if self._sources is None:
-            self._sources = self.builder().as_data_source()
-        return self._sources
-
-    def source(self, split: str):
-        sources = self.sources()
-        if split not in sources:
-            raise ValueError(
-                f"The embryo dataset has no {split!r} split; it has {', '.join(sources)} "
-                "(a split is left out when no patient falls in it: use more videos)."
-            )
-        return sources[split]
 
     def data_path(self) -> str:
         return os.fspath(self.builder().data_path)
@@ -148,26 +122,9 @@ class EmbryoData:
         """Per split: lists `video_id`, `patient_id`, `outcome`, `num_frames`, one per record;
         read once and cached as JSON next to the built dataset."""
         if self._index is None:
-            path = os.path.join(self.data_path(), "medjax_index.json")
-            if os.path.isfile(path):
-                with open(path) as f:
-                    cached = json.load(f)
-                if cached.get("version") == INDEX_VERSION:
-                    self._index = cached["splits"]
-            if self._index is None:
-                splits = {}
-                for split, source in self.sources().items():
-                    entry = {"video_id": [], "patient_id": [], "outcome": [], "num_frames": []}
-                    for i in range(len(source)):
-                        record = source[i]
-                        entry["video_id"].append(pipeline.decode_text(record["video_id"]))
-                        entry["patient_id"].append(pipeline.decode_text(record["patient_id"]))
-                        entry["outcome"].append(int(record["outcome"]))
-                        entry["num_frames"].append(int(record["frames"].shape[0]))
-                    splits[split] = entry
-                self._index = splits
-                if jax.process_index() == 0:
-                    writers.write_json(path, {"version": INDEX_VERSION, "splits": splits})
+            self._index = data_lib.cached_index(
+                self.builder(), _index_fields, name="embryo_index", version=INDEX_VERSION
+            )
         return self._index
 
     def split_index(self, split: str) -> dict:
@@ -177,6 +134,15 @@ class EmbryoData:
     def labelled(self, split: str) -> list[int]:
         """Records of `split` with a known outcome."""
         return [i for i, o in enumerate(self.split_index(split)["outcome"]) if o >= 0]
+
+
+def _index_fields(record: dict) -> dict:
+    return {
+        "video_id": pipeline.decode_text(record["video_id"]),
+        "patient_id": pipeline.decode_text(record["patient_id"]),
+        "outcome": int(record["outcome"]),
+        "num_frames": int(record["frames"].shape[0]),
+    }
 
 
 def _frame_pairs(num_frames: Sequence[int], videos: Sequence[int], per_video: int) -> list:
@@ -342,13 +308,16 @@ class EmbryoEmbedder(EmbryoData, Task):
         )
 
     def _eval_frames(self, split: str) -> _Frames:
+        """The evaluated frames in a fixed shuffled order, so that the first ones (pictured in
+        the report) come from several videos and stages."""
         index = self.split_index(split)
         pairs = _frame_pairs(
             index["num_frames"],
             range(len(index["num_frames"])),
             self.config.eval.frames_per_video,
         )
-        return _Frames(self.source(split), pairs, index["outcome"])
+        order = np.random.default_rng(0).permutation(len(pairs))
+        return _Frames(self.source(split), [pairs[i] for i in order], index["outcome"])
 
     def eval_batches(self, split, batch_size):
         return pipeline.eval_batches(
@@ -440,50 +409,16 @@ def pca_2d(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # ============================================================================ pictures
 def outcome_scatter_png(path: str, coords, outcomes, *, title: str, xlabel: str, ylabel: str):
     """A scatter of (N, 2) points coloured by outcome index (-1: unknown), with a legend."""
-    coords = np.asarray(coords, np.float64)
-    image = np.full((560, 640, 3), 255, np.uint8)
-    axes = plots._Axes(image, (80, 50, 500, 480), coords[:, 0], coords[:, 1])
-    axes.draw_frame(title, xlabel, ylabel)
-    px, py = axes.to_pixels(coords[:, 0], coords[:, 1])
-    for x, y, outcome in zip(px, py, outcomes):
-        colour = OUTCOME_COLOURS[outcome] if outcome >= 0 else UNKNOWN_COLOUR
-        cv2.circle(image, (int(round(x)), int(round(y))), 5, colour, -1, cv2.LINE_AA)
-    legend = list(zip(OUTCOMES, OUTCOME_COLOURS))
-    if np.any(np.asarray(outcomes) < 0):
-        legend.append(("unknown", UNKNOWN_COLOUR))
-    for i, (name, colour) in enumerate(legend):
-        y = 70 + 22 * i
-        cv2.circle(image, (515, y - 4), 5, colour, -1, cv2.LINE_AA)
-        plots._put_text(image, name, 526, y)
-    plots._save_png(path, image)
-
-
-def confusion_png(path: str, matrix, names: Sequence[str], *, title: str) -> None:
-    """The confusion matrix (rows true, columns predicted) as a grid of counts, each cell
-    shaded by its share of the row."""
-    matrix = np.asarray(matrix, np.int64)
-    k = len(names)
-    cell, left, top = 110, 150, 90
-    image = np.full((top + k * cell + 40, left + k * cell + 30, 3), 255, np.uint8)
-    rows = np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-    for i in range(k):
-        for j in range(k):
-            share = matrix[i, j] / rows[i, 0]
-            shade = int(round(255 - 180 * share))
-            x0, y0 = left + j * cell, top + i * cell
-            colour = (255, shade, shade) if i != j else (shade, 255, shade)
-            cv2.rectangle(image, (x0, y0), (x0 + cell, y0 + cell), colour, -1)
-            cv2.rectangle(image, (x0, y0), (x0 + cell, y0 + cell), (0, 0, 0), 1)
-            plots._put_text(
-                image, str(matrix[i, j]), x0 + cell / 2, y0 + cell / 2 + 6, scale=0.6,
-                align="centre",
-            )  # fmt: skip
-        plots._put_text(image, names[i][:18], left - 6, top + i * cell + cell / 2 + 4, align="right")
-        plots._put_text(image, names[i][:18], left + i * cell + cell / 2, top - 8, align="centre")
-    plots._put_text(image, "predicted", left + k * cell / 2, top - 32, align="centre")
-    plots._put_text(image, title, (left + k * cell) / 2, 22, scale=0.6, align="centre")
-    plots._put_vertical_text(image, "true", 10, top + k * cell // 2)
-    plots._save_png(path, image)
+    plots.group_scatter_png(
+        path,
+        coords,
+        outcomes,
+        names=OUTCOMES,
+        colours=OUTCOME_COLOURS,
+        title=title,
+        xlabel=xlabel,
+        ylabel=ylabel,
+    )
 
 
 # ============================================================================ metrics
@@ -550,7 +485,7 @@ def write_classification_report(
     csv_path = os.path.join(out_dir, "predictions.csv")
     writers.write_csv(csv_path, prediction_rows(videos, probs))
     png = os.path.join(out_dir, "confusion_matrix.png")
-    confusion_png(png, confusion, OUTCOMES, title=f"Outcome ({split}, {len(videos)} videos)")
+    plots.confusion_png(png, confusion, OUTCOMES, title=f"Outcome ({split}, {len(videos)} videos)")
     paths = [csv_path, png]
     labels = np.array([int(v["outcome"]) for v in videos])
     for k, name in enumerate(OUTCOMES):
@@ -581,7 +516,9 @@ class FrameEmbedder:
         self.batch_size = int(batch_size)
         model = self.task.model
         self._embed = jax.jit(
-            lambda v, frames: model.apply(v, jnp.asarray(frames, jnp.float32) / 255.0, method="embed")
+            lambda v, frames: model.apply(
+                v, jnp.asarray(frames, jnp.float32) / 255.0, method="embed"
+            )
         )
 
     @property
@@ -604,13 +541,19 @@ class FrameEmbedder:
                 f"shape {frames.shape[1:]}. Build the dataset with the embed stage's "
                 f"data.frame_size={size}."
             )
-        batch = min(self.batch_size, max(len(frames), 1))
+        batch = self.batch_size  # Always this many rows (zero-padded): one compilation.
         out = []
-        for start in range(0, len(frames), batch):
-            chunk = frames[start : start + batch]
-            padded = np.concatenate([chunk, np.zeros((batch - len(chunk),) + chunk.shape[1:], np.uint8)])
-            out.append(np.asarray(self._embed(self.variables, padded))[: len(chunk)])
-        return np.concatenate(out).astype(np.float32) if out else np.zeros((0, self.latent_dim), np.float32)
+        # Concrete values even when called while the trainer traces a function (e.g. the
+        # feature statistics needed by `example_batch`).
+        with jax.ensure_compile_time_eval():
+            for start in range(0, len(frames), batch):
+                chunk = frames[start : start + batch]
+                pad = np.zeros((batch - len(chunk),) + chunk.shape[1:], np.uint8)
+                embedded = self._embed(self.variables, np.concatenate([chunk, pad]))
+                out.append(np.asarray(embedded)[: len(chunk)])
+        if not out:
+            return np.zeros((0, self.latent_dim), np.float32)
+        return np.concatenate(out).astype(np.float32)
 
 
 class EmbeddedVideos(EmbryoData):
@@ -622,14 +565,13 @@ class EmbeddedVideos(EmbryoData):
     _embedder_record: dict | None = None  # EMBEDDER_FILE of the run: which embedder, which step.
     _stats: dict | None = None
     _videos: dict | None = None
+    _model = None  # The fine-tuning model, built on the embedder.
 
     # ---------------------------------------------------------------- the embedder
     def embed_dir(self) -> str:
         """The embed stage's run directory: classify.embedder_dir, or DIR/embed."""
         if self._embedder_record is not None:
-            return os.path.normpath(
-                os.path.join(self._run_dir, self._embedder_record["embed_dir"])
-            )
+            return os.path.normpath(os.path.join(self._run_dir, self._embedder_record["embed_dir"]))
         if self.config.classify.embedder_dir:
             return os.path.abspath(self.config.classify.embedder_dir)
         if self._run_dir is None:
@@ -645,9 +587,10 @@ class EmbeddedVideos(EmbryoData):
             checkpoint = self.config.classify.embedder_checkpoint
             if self._embedder_record is not None:
                 checkpoint = str(self._embedder_record["step"])
-            self._embedder = FrameEmbedder(
-                self.embed_dir(), checkpoint, self.config.classify.embed_batch_size
-            )
+            with jax.ensure_compile_time_eval():  # Restored arrays, even inside a trace.
+                self._embedder = FrameEmbedder(
+                    self.embed_dir(), checkpoint, self.config.classify.embed_batch_size
+                )
             if self._embedder.frame_size != self.config.data.frame_size:
                 raise ValueError(
                     f"config.data.frame_size={self.config.data.frame_size} differs from the "
@@ -661,22 +604,30 @@ class EmbeddedVideos(EmbryoData):
         return os.path.join(run_dir, EMBEDDER_FILE)
 
     def _attach(self, run_dir: str, resuming: bool) -> None:
-        """Remembers the run directory; a resumed or trained run keeps its embedder step."""
+        """Remembers the run directory. A trained or resumed run keeps the embedder (and step)
+        and the feature statistics it was trained with."""
         self._run_dir = os.path.abspath(run_dir)
         path = self._record_path(run_dir)
-        if resuming and os.path.isfile(path):
-            with open(path) as f:
-                self._embedder_record = json.load(f)
+        if not (resuming and os.path.isfile(path)):
+            return
+        with open(path) as f:
+            self._embedder_record = json.load(f)
+        loaded = self._embedder
+        if loaded is not None and (
+            loaded.embed_dir != self.embed_dir() or loaded.step != self._embedder_record["step"]
+        ):
+            self._embedder = self._stats = self._videos = self._model = None
         stats = os.path.join(run_dir, STATS_FILE)
-        if resuming and os.path.isfile(stats):
+        if os.path.isfile(stats):
             with open(stats) as f:
                 self._stats = json.load(f)
 
     def save_artifacts(self, run_dir):
-        checkpoints = ckpt_lib.Checkpointer(
-            os.path.join(run_dir, "checkpoints"), read_only=True
-        ).all_steps() if os.path.isdir(os.path.join(run_dir, "checkpoints")) else []
-        self._attach(run_dir, resuming=bool(checkpoints))
+        checkpoints = os.path.join(run_dir, "checkpoints")
+        resuming = os.path.isdir(checkpoints) and bool(
+            ckpt_lib.Checkpointer(checkpoints, read_only=True).all_steps()
+        )
+        self._attach(run_dir, resuming=resuming)
         embedder = self.embedder()
         self._embedder_record = {
             "embed_dir": os.path.relpath(embedder.embed_dir, self._run_dir),
@@ -716,13 +667,16 @@ class EmbeddedVideos(EmbryoData):
                 if json.loads(str(cached["key"])) == key:
                     return {k: cached[k] for k in ("embeddings", "hours", "phase", "offsets")}
         source = self.source(split)
-        embeddings, hours, phase, offsets = [], [], [], [0]
+        embeddings, frames, hours, phase, offsets = [], [], [], [], [0]
         for i in range(len(source)):
             record = source[i]
-            embeddings.append(embedder(record["frames"]))
+            frames.append(np.asarray(record["frames"], np.uint8))
             hours.append(np.asarray(record["hours"], np.float32))
             phase.append(np.asarray(record["phase"], np.int32))
             offsets.append(offsets[-1] + len(hours[-1]))
+            if sum(len(f) for f in frames) >= 16 * embedder.batch_size or i == len(source) - 1:
+                embeddings.append(embedder(np.concatenate(frames)))
+                frames = []
         result = {
             "embeddings": np.concatenate(embeddings),
             "hours": np.concatenate(hours),
@@ -794,16 +748,19 @@ class EmbeddedVideos(EmbryoData):
             self._videos[split] = videos
         return self._videos[split]
 
-    def class_weights(self) -> np.ndarray:
-        """(K,) loss weights: inverse training frequency scaled to average 1 over the videos
-        (scikit-learn's 'balanced'), or ones."""
+    def class_weights_choice(self) -> str:
         choice = self.config.classify.class_weights
         if choice not in ("balanced", "none"):
             raise ValueError(
                 f"config.classify.class_weights={choice!r} is not 'balanced' or 'none'."
             )
+        return choice
+
+    def class_weights(self) -> np.ndarray:
+        """(K,) loss weights: inverse training frequency scaled to average 1 over the videos
+        (scikit-learn's 'balanced'), or ones."""
         k = len(OUTCOMES)
-        if choice == "none":
+        if self.class_weights_choice() == "none":
             return np.ones(k, np.float32)
         outcomes = [self.split_index("train")["outcome"][i] for i in self.labelled("train")]
         counts = np.bincount(outcomes, minlength=k).astype(np.float64)
@@ -822,7 +779,9 @@ def _pad_sequence(video: dict, *, length: int, host: bool) -> dict:
         )
     example = {
         "features": np.pad(features, ((0, length - steps), (0, 0))),
-        "phase": np.pad(np.asarray(video["phase"], np.int32), (0, length - steps), constant_values=-1),
+        "phase": np.pad(
+            np.asarray(video["phase"], np.int32), (0, length - steps), constant_values=-1
+        ),
         "lengths": np.int32(steps),
         "outcome": np.int32(video["outcome"]),
     }
@@ -835,10 +794,13 @@ def _pad_sequence(video: dict, *, length: int, host: bool) -> dict:
     return example
 
 
-def _pad_record(record: dict, *, length: int, outcome_position: dict) -> dict:
-    """A dataset record as frames, hours, phases, length, zero- (phase: -1-) padded."""
+def _pad_record(record: dict, *, length: int, positions: dict | None = None) -> dict:
+    """A dataset record as frames, hours, phases and length, zero- (phase: -1-) padded to
+    `length` steps; with `positions` ({video_id: position}), also the host fields."""
     frames = np.asarray(record["frames"], np.uint8)
     steps = len(frames)
+    if steps > length:
+        raise ValueError(f"A video has {steps} frames, more than data.max_frames={length}.")
     pad = length - steps
     example = {
         "frames": np.pad(frames, ((0, pad), (0, 0), (0, 0), (0, 0))),
@@ -847,10 +809,10 @@ def _pad_record(record: dict, *, length: int, outcome_position: dict) -> dict:
         "lengths": np.int32(steps),
         "outcome": np.int32(record["outcome"]),
     }
-    if outcome_position:
+    if positions is not None:
         video_id = pipeline.decode_text(record["video_id"])
         example.update(
-            position=np.int32(outcome_position[video_id]),
+            position=np.int32(positions[video_id]),
             video_id=video_id,
             patient_id=pipeline.decode_text(record["patient_id"]),
         )
@@ -884,7 +846,6 @@ class EmbryoClassifier(EmbeddedVideos, Task):
             )
         self.head = models.build_model(config.model)
         self.finetune = bool(config.classify.finetune_embedder)
-        self._model = None
 
     @property
     def model(self):
@@ -1010,7 +971,7 @@ class EmbryoClassifier(EmbeddedVideos, Task):
         length = self.config.data.max_frames
         if self.finetune:
             source = self._finetune_records("train")
-            preprocess = functools.partial(_pad_record, length=length, outcome_position={})
+            preprocess = functools.partial(_pad_record, length=length)
             augment = None
         else:
             source = self.videos("train")
@@ -1038,9 +999,7 @@ class EmbryoClassifier(EmbeddedVideos, Task):
             positions = {index["video_id"][i]: p for p, i in enumerate(self.labelled(split))}
             return pipeline.eval_batches(
                 self._finetune_records(split),
-                preprocess=functools.partial(
-                    _pad_record, length=length, outcome_position=positions
-                ),
+                preprocess=functools.partial(_pad_record, length=length, positions=positions),
                 batch_size=batch_size,
                 host_keys=HOST_KEYS,
             )
@@ -1080,17 +1039,27 @@ class SvmVideos(EmbeddedVideos):
         self.config = config
 
 
-def _svm_video_probabilities(svc, videos: Sequence[dict], rule: str) -> np.ndarray:
-    """(V, K) class probabilities of videos from their frames: mean probability or votes."""
+def _svm_video_probabilities(svm: dict, videos: Sequence[dict], rule: str) -> np.ndarray:
+    """(V, K) class probabilities of videos from their frames' (see `fit_svm`).
+
+    Args:
+      svm: {'classifier': the fitted scikit-learn classifier, 'weights': (K,) multipliers of
+        the video probabilities (the prior shift), renormalised after}.
+      videos: dicts with 'features' (T, F).
+      rule: 'mean' (frame probabilities averaged) or 'vote' (shares of the frames' argmax).
+    """
     k = len(OUTCOMES)
+    classifier, weights = svm["classifier"], np.asarray(svm["weights"], np.float64)
     out = np.zeros((len(videos), k))
     for v, video in enumerate(videos):
         frame_probs = np.zeros((len(video["features"]), k))
-        frame_probs[:, svc.classes_] = svc.predict_proba(video["features"])
+        frame_probs[:, classifier.classes_] = classifier.predict_proba(video["features"])
         if rule == "vote":
-            out[v] = np.bincount(frame_probs.argmax(axis=1), minlength=k) / len(frame_probs)
+            probs = np.bincount(frame_probs.argmax(axis=1), minlength=k) / len(frame_probs)
         else:
-            out[v] = frame_probs.mean(axis=0)
+            probs = frame_probs.mean(axis=0)
+        probs = probs * weights
+        out[v] = probs / max(probs.sum(), 1e-12)
     return out
 
 
@@ -1121,44 +1090,54 @@ def fit_svm(config, workdir: str) -> dict:
     from sklearn.preprocessing import StandardScaler
     from sklearn.svm import SVC
 
-    if config.svm.video_rule not in ("mean", "vote"):
-        raise ValueError(f"config.svm.video_rule={config.svm.video_rule!r} is not 'mean' or 'vote'.")
+    if config.model.video_rule not in ("mean", "vote"):
+        raise ValueError(
+            f"config.model.video_rule={config.model.video_rule!r} is not 'mean' or 'vote'."
+        )
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         writers.write_json(
             os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort())
         )
     videos = SvmVideos(config)
+    if config.eval.split not in videos.sources():
+        raise ValueError(
+            f"config.eval.split={config.eval.split!r} is not a split of the dataset "
+            f"({', '.join(videos.sources())})."
+        )
     videos.save_artifacts(workdir)
-    features, labels = _svm_training_frames(videos.videos("train"), config.svm.frames_per_video)
-    weights = videos.class_weights()
-    class_weight = None
-    if config.classify.class_weights == "balanced":
-        class_weight = {int(k): float(weights[k]) for k in np.unique(labels)}
-    # Platt-scaled probabilities (what SVC(probability=True) did, which scikit-learn 1.9
-    # deprecates): sigmoids fitted on 3-fold cross-validated decision values, then one SVC fitted
-    # on all frames.
-    # The scaler standardises every column, the time too, so that it weighs in the kernel like
-    # each (already standardised) embedding dimension.
-    svc = CalibratedClassifierCV(
+    features, labels = _svm_training_frames(videos.videos("train"), config.model.frames_per_video)
+    # Platt-scaled probabilities (what SVC(probability=True) gives, which scikit-learn 1.9
+    # deprecates): sigmoids fitted on 3-fold cross-validated decision values, then one SVC
+    # fitted on all frames. The scaler standardises every column, the time too, so that it
+    # weighs in the kernel like each (already standardised) embedding dimension.
+    classifier = CalibratedClassifierCV(
         make_pipeline(
-            StandardScaler(),
-            SVC(C=config.svm.C, kernel=config.svm.kernel, gamma="scale", class_weight=class_weight),
+            StandardScaler(), SVC(C=config.model.C, kernel=config.model.kernel, gamma="scale")
         ),
         method="sigmoid",
         cv=3,
         ensemble=False,
     )
-    logging.info("Fitting an SVM on %d frames of %d videos.", len(labels), len(videos.videos("train")))
-    svc.fit(features, labels)
+    logging.info(
+        "Fitting an SVM on %d frames of %d videos.", len(labels), len(videos.videos("train"))
+    )
+    classifier.fit(features, labels)
+    # Calibrated frame probabilities carry the training class frequencies; 'balanced' divides
+    # them out of a video's probabilities, the decision a balanced training set would give.
+    weights = np.ones(len(OUTCOMES))
+    if videos.class_weights_choice() == "balanced":
+        frequency = np.bincount(labels, minlength=len(OUTCOMES)) / len(labels)
+        weights = np.where(frequency > 0, 1.0 / np.maximum(frequency, 1e-12), 0.0)
+    svm = {"classifier": classifier, "weights": weights.tolist()}
     if jax.process_index() == 0:
         with open(os.path.join(workdir, SVM_FILE), "wb") as f:
-            pickle.dump(svc, f)
+            pickle.dump(svm, f)
     result = {}
     splits = [s for s in ("validation", config.eval.split) if s in videos.sources()]
     for split in dict.fromkeys(splits):
         split_videos = videos.videos(split)
-        probs = _svm_video_probabilities(svc, split_videos, config.svm.video_rule)
+        probs = _svm_video_probabilities(svm, split_videos, config.model.video_rule)
         result = classification_metrics(probs, [v["outcome"] for v in split_videos])
         result.update(
             split=split, classifier="svm", embedder_step=int(videos.embedder().step), step=0
@@ -1170,11 +1149,6 @@ def fit_svm(config, workdir: str) -> dict:
                 out_dir, split, split_videos, probs, result["confusion_matrix"]
             )
             logging.info("SVM on %s: %s", split, _metric_line(result))
-    if config.eval.split not in videos.sources():
-        raise ValueError(
-            f"config.eval.split={config.eval.split!r} is not a split of the dataset "
-            f"({', '.join(videos.sources())})."
-        )
     if jax.process_index() == 0:
         print(
             f"\nDone. SVM on {config.eval.split}: {_metric_line(result)}\n"
@@ -1276,7 +1250,9 @@ def read_video_folder(folder: str, data_cfg) -> dict:
         if np.any(np.diff(hours) < 0):
             raise ValueError(f"{time_file}: times decrease with the frame number; fix the file.")
     else:
-        hours = np.linspace(0.0, max_hours, len(paths))
+        # Spread by frame number (a missing frame leaves a gap), or by position.
+        steps = np.asarray(numbers, np.float64) - numbers[0]
+        hours = steps / max(steps[-1], 1.0) * max_hours
         warnings.append(
             f"No time-elapsed file found for {folder}: its {len(paths)} frames are taken as "
             f"evenly spaced over the first {max_hours:g} h."
@@ -1305,7 +1281,9 @@ def read_video_folder(folder: str, data_cfg) -> dict:
     same = [j for j, f in enumerate(decoded) if f.shape == shape]
     for j, f in enumerate(decoded):
         if f.shape != shape:
-            warnings.append(f"Skipped {paths[kept[j]]}: {f.shape[1]}x{f.shape[0]}, unlike the others.")
+            warnings.append(
+                f"Skipped {paths[kept[j]]}: {f.shape[1]}x{f.shape[0]}, unlike the others."
+            )
     if len(same) < data_cfg.min_frames:
         warnings.append(
             f"Only {len(same)} usable frames, fewer than the {data_cfg.min_frames} the training "
@@ -1341,7 +1319,9 @@ class EmbryoPredictor:
     def __init__(self, workdir: str, checkpoint: str = "best", stage: str | None = None):
         if stage is None:
             trained = [
-                s for s in CLASSIFY_STAGES if os.path.isfile(os.path.join(workdir, s, "config.json"))
+                s
+                for s in CLASSIFY_STAGES
+                if os.path.isfile(os.path.join(workdir, s, "config.json"))
             ]
             stage = trained[0] if trained else "classify"
         if stage not in CLASSIFY_STAGES:
@@ -1350,9 +1330,12 @@ class EmbryoPredictor:
         run_dir = os.path.join(workdir, stage)
         if stage == "classify":
             self.config, self.task, variables, self.step = load_stage(
-                workdir, stage, config_file=CONFIG_FILE, variant=CLASSIFY_STAGES[stage],
+                workdir,
+                stage,
+                config_file=CONFIG_FILE,
+                variant=CLASSIFY_STAGES[stage],
                 checkpoint=checkpoint,
-            )  # fmt: skip
+            )
             self.variables = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), variables)
             self._predict = jax.jit(self.task.predict)
             self.classifier = "lstm"
@@ -1367,7 +1350,7 @@ class EmbryoPredictor:
                 )
             self.task.load_artifacts(run_dir)
             with open(path, "rb") as f:
-                self.svc = pickle.load(f)
+                self.svm = pickle.load(f)
             self.step = 0
             self.classifier = "svm"
         self.embedder = self.task.embedder()
@@ -1389,15 +1372,17 @@ class EmbryoPredictor:
         if self.classifier == "svm":
             features = self.task.features(self.embedder(frames), hours)
             video = {"features": features}
-            probs = _svm_video_probabilities(self.svc, [video], self.config.svm.video_rule)[0]
+            probs = _svm_video_probabilities(self.svm, [video], self.config.model.video_rule)[0]
         else:
             length = self.config.data.max_frames
             video = {
-                "video_id": "input", "outcome": 0, "phase": np.full(len(frames), -1, np.int32),
-            }  # fmt: skip
+                "video_id": "input",
+                "outcome": 0,
+                "phase": np.full(len(frames), -1, np.int32),
+            }
             if self.task.finetune:
                 record = {**video, "frames": frames[..., None], "hours": hours}
-                batch = _pad_record(record, length=length, outcome_position={})
+                batch = _pad_record(record, length=length)
             else:
                 video["features"] = self.task.features(self.embedder(frames), hours)
                 batch = _pad_sequence(video, length=length, host=False)
@@ -1429,6 +1414,12 @@ def predict_video_folders(
     probabilities and the predicted outcome, the frames used (numbers and hours), the crop
     circle and how it was found, and warnings.
     """
+    missing = [folder for folder in folders if not os.path.isdir(folder)]
+    if missing:
+        raise ValueError(
+            f"Not a folder of video frames: {', '.join(missing)}. Name folders holding a "
+            "video's frames (*RUN<k>.jpeg, or images sorted by name)."
+        )
     predictor = EmbryoPredictor(workdir, checkpoint, stage)
     os.makedirs(out_dir, exist_ok=True)
     reports = []

@@ -35,7 +35,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from typing import Any, Sequence
+from typing import Sequence
 
 import cv2
 import jax
@@ -43,8 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from medjax import data as data_lib
-from medjax import losses, metrics, models, parallel, plots, writers
+from medjax import losses, metrics, models, plots, writers
 from medjax.input import pipeline, transforms
+from medjax.tasks.base import DatasetAccess
 from medjax.tasks.segmentation import SegmentationTask, overlay_row
 
 INDEX_VERSION = 1
@@ -113,31 +114,12 @@ def _index_fields(record: dict) -> dict:
     }
 
 
-class IchData:
+class IchData(DatasetAccess):
     """The ct_ich dataset: builder, per-split index, patient splits and k-fold by subject."""
 
-    config: Any
-    _builder = None
+    BUILD_OPTIONS = ("offline_augment_copies",)
     _index: dict | None = None
     _splits: dict | None = None
-
-    def builder(self):
-        if self._builder is None:
-            cfg = self.config.data
-            build = functools.partial(
-                data_lib.ensure_built,
-                cfg.name,
-                manual_dir=cfg.manual_dir or None,
-                data_dir=cfg.data_dir,
-                synthetic_num=cfg.synthetic_num,
-                synthetic_seed=cfg.synthetic_seed,
-                offline_augment_copies=cfg.offline_augment_copies,
-            )
-            self._builder = parallel.build_once(build)
-        return self._builder
-
-    def _sources(self) -> dict:
-        return self.builder().as_data_source()
 
     def index(self) -> dict:
         """Per builder split: lists `patient_id`, `slice_number`, `label` (one per record),
@@ -211,7 +193,7 @@ class IchData:
         picks = self.split_picks()
         if split not in picks:
             raise ValueError(f"Split {split!r} does not exist; available: {', '.join(picks)}.")
-        return _Records(self._sources(), picks[split], number=True)
+        return _Records(self.sources(), picks[split], number=True)
 
     def record_info(self, split: str) -> list[dict]:
         """patient_id, slice_number and label of each record of `split`, in record order."""
@@ -233,7 +215,7 @@ class IchData:
         for source, i in picks:
             times = repeat if index[source]["label"][i] else 1
             weighted.extend([(source, i)] * times)
-        return _Records(self._sources(), weighted)
+        return _Records(self.sources(), weighted)
 
 
 def _augment(example: dict, rng: np.random.Generator, *, op) -> dict:

@@ -26,6 +26,12 @@ Loss: `loss.video_weight` x cross-entropy of the flow class + `loss.quadrant_wei
 per-quadrant loss (ordinal head: binary cross-entropy per threshold against
 `ordinal_targets`; softmax head: cross-entropy), unscored quadrants masked out.
 
+Flow class. With `model.flow_class_rule="quadrants"` (the default) a video's class
+probabilities follow from its predicted quadrant score distributions by the label's own rule
+(the most frequent score of the scored quadrants, ties to the lower; exact under independent
+quadrants, `mode_class_probs`), so the class is as good as the quadrant scores are; `"head"`
+reads the video head instead (trained either way, by the `loss.video_weight` term).
+
 Metrics (`finalize_metrics`): flow class `accuracy`, `macro_f1` (over the classes present in the
 labels or predictions), `kappa` (quadratic-weighted Cohen's kappa), `balanced_accuracy`,
 `majority_accuracy` (the split's most common class, for reference), `confusion_matrix`; MFI:
@@ -56,11 +62,11 @@ from absl import logging
 from medjax_datasets.sdf_perfusion import sdf_perfusion as dataset
 
 from medjax import data as data_lib
-from medjax import models, parallel, writers
+from medjax import models, plots, writers
 from medjax.input import pipeline
 from medjax.models import convlstm
 from medjax.models.inception import frame_features
-from medjax.tasks.base import Task, apply_model
+from medjax.tasks.base import DatasetAccess, Task, apply_model
 
 NUM_CLASSES = dataset.MAX_SCORE + 1
 NUM_QUADRANTS = 4
@@ -89,42 +95,11 @@ def _index_fields(record: dict) -> dict:
     }
 
 
-class PerfusionData:
+class PerfusionData(DatasetAccess):
     """The sdf_perfusion dataset built with the config's options, and a per-split index."""
 
-    config: Any
-    _builder = None
-    _sources: dict | None = None
+    BUILD_OPTIONS = BUILD_OPTIONS
     _index: dict | None = None
-
-    def builder(self):
-        if self._builder is None:
-            cfg = self.config.data
-            build = functools.partial(
-                data_lib.ensure_built,
-                cfg.name,
-                manual_dir=cfg.manual_dir or None,
-                data_dir=cfg.data_dir,
-                synthetic_num=cfg.synthetic_num,
-                synthetic_seed=cfg.synthetic_seed,
-                **{name: cfg[name] for name in BUILD_OPTIONS},
-            )
-            self._builder = parallel.build_once(build)
-        return self._builder
-
-    def sources(self) -> dict:
-        if self._sources is None:
-            self._sources = self.builder().as_data_source()
-        return self._sources
-
-    def source(self, split: str):
-        sources = self.sources()
-        if split not in sources:
-            raise ValueError(
-                f"The sdf_perfusion build has no {split!r} split; it has {', '.join(sources)} "
-                "(a split is left out when no patient falls in it: use more videos)."
-            )
-        return sources[split]
 
     def index(self) -> dict:
         """Per split: lists video_id, patient_id, flow_class, mfi, quadrant_scores."""
@@ -249,11 +224,53 @@ def perfusion_loss(outputs: dict, flow_class, quadrant_scores, loss_cfg) -> jnp.
     return loss_cfg.video_weight * video + loss_cfg.quadrant_weight * quadrant
 
 
-def predictions(outputs: dict) -> dict:
-    """Model outputs -> video_probs (B, K), quadrant_probs (B, Q, K), quadrant_expected (B, Q)."""
-    video = jax.nn.softmax(outputs["video_logits"].astype(jnp.float32), axis=-1)
+FLOW_CLASS_RULES = ("quadrants", "head")
+
+
+def mode_class_probs(quadrant_probs: jnp.ndarray, scored: jnp.ndarray | None = None):
+    """P(flow class = k): the distribution of the label rule's class (the most frequent score
+    of the scored quadrants, ties to the lower) when each quadrant's score is drawn
+    independently from its predicted distribution.
+
+    Exact: sums the joint probability of all K**Q score assignments by their mode.
+
+    Args:
+      quadrant_probs: (B, Q, K) per-quadrant score probabilities.
+      scored: (B, Q) bool, the quadrants the label counts; None: all of them. A video with no
+        scored quadrant gets the mode over all of them.
+
+    Returns:
+      (B, K) probabilities.
+    """
+    b, q, k = quadrant_probs.shape
+    assignments = np.stack(np.meshgrid(*[np.arange(k)] * q, indexing="ij"), -1).reshape(-1, q)
+    onehot = jnp.asarray(np.eye(k, dtype=np.float32)[assignments])  # (A, Q, K)
+    if scored is None:
+        scored = jnp.ones((b, q), bool)
+    scored = jnp.where(jnp.any(scored, axis=1, keepdims=True), scored, True)
+    counts = jnp.einsum("bq,aqk->bak", scored.astype(jnp.float32), onehot)
+    mode = jax.nn.one_hot(jnp.argmax(counts, axis=-1), k)  # argmax: the first (lower) of ties.
+    # log P(assignment) = sum_q log p[q, a_q]; unscored quadrants sum out to 1 either way.
+    log_probs = jnp.log(jnp.clip(quadrant_probs.astype(jnp.float32), 1e-12, 1.0))
+    joint = jnp.exp(jnp.einsum("bqk,aqk->ba", log_probs, onehot))  # (B, A)
+    return jnp.einsum("ba,bak->bk", joint, mode)
+
+
+def predictions(outputs: dict, rule: str = "quadrants", scored=None) -> dict:
+    """Model outputs -> video_probs (B, K), quadrant_probs (B, Q, K), quadrant_expected (B, Q).
+
+    `rule` "quadrants": the flow class distribution follows from the quadrant predictions by
+    the label's own rule (`mode_class_probs`, over the `scored` quadrants); "head": the video
+    head's softmax.
+    """
     probs = quadrant_probs(outputs["quadrant_logits"])
     expected = jnp.sum(probs * jnp.arange(NUM_CLASSES, dtype=jnp.float32), axis=-1)
+    if rule == "quadrants":
+        video = mode_class_probs(probs, scored)
+    elif rule == "head":
+        video = jax.nn.softmax(outputs["video_logits"].astype(jnp.float32), axis=-1)
+    else:
+        raise ValueError(f"flow_class_rule={rule!r}: choose one of {FLOW_CLASS_RULES}.")
     return {"video_probs": video, "quadrant_probs": probs, "quadrant_expected": expected}
 
 
@@ -356,13 +373,13 @@ def prediction_rows(index: dict, gathered: dict) -> list[dict]:
 
 def write_classification_files(out_dir: str, split: str, rows: list[dict], confusion) -> list:
     """predictions.csv and confusion_matrix.png of a split."""
-    from medjax.tasks.embryo import confusion_png
-
     os.makedirs(out_dir, exist_ok=True)
     csv_path = os.path.join(out_dir, "predictions.csv")
     writers.write_csv(csv_path, rows)
     png = os.path.join(out_dir, "confusion_matrix.png")
-    confusion_png(png, confusion, FLOW_CLASSES, title=f"Flow class ({split}, {len(rows)} videos)")
+    plots.confusion_png(
+        png, confusion, FLOW_CLASSES, title=f"Flow class ({split}, {len(rows)} videos)"
+    )
     return [csv_path, png]
 
 
@@ -391,7 +408,7 @@ class _PerfusionEvaluation:
         per_example = perfusion_loss(
             outputs, batch["flow_class"], batch["quadrant_scores"], self.config.loss
         )
-        out = predictions(outputs)
+        out = predictions(outputs, self._rule(), batch["quadrant_scores"] >= 0)
         out.update(
             loss=(jnp.sum(per_example * valid), jnp.sum(valid)),
             flow_class=batch["flow_class"],
@@ -417,7 +434,10 @@ class _PerfusionEvaluation:
 
     def predict(self, variables, batch):
         outputs, _ = self._outputs(variables, batch, train=False)
-        return predictions(outputs)
+        return predictions(outputs, self._rule())
+
+    def _rule(self) -> str:
+        return self.config.model.get("flow_class_rule", "quadrants")
 
     def write_evaluation(self, out_dir, split, gathered, variables=None):
         rows = prediction_rows(self.split_index(split), gathered)
@@ -825,7 +845,8 @@ class PerfusionPredictor:
         name, motion = self.config.model.name, self.config.data.get("motion_channel", False)
         self._predict = jax.jit(
             lambda v, video: predictions(
-                model.apply(v, scale_frames(video, name, motion), train=False)
+                model.apply(v, scale_frames(video, name, motion), train=False),
+                self.config.model.get("flow_class_rule", "quadrants"),
             )
         )
 
