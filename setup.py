@@ -42,6 +42,8 @@ EXTRAS = {
         "pytest>=8,<10",
         # Drives headless Chromium in the web page's end-to-end test.
         "selenium>=4.51,<5",
+        # Property-based fuzzing of the DICOM and CSV readers (tests/reliability/test_fuzz.py).
+        "hypothesis>=6.100,<7",
     ],
 }
 

@@ -60,8 +60,8 @@ def get_config(arg=None):
     # the first ones in evaluation and prediction. 0: all stored frames.
     config.data.clip_frames = 0
     config.data.num_workers = 0
-    # ConvLSTM: a second input channel with |frame t - frame t-1| (flow is motion).
-    config.data.motion_channel = variants.model == "convlstm"
+    # A second input channel with |frame t - frame t-1| (flow is motion).
+    config.data.motion_channel = variants.model != "classical"
 
     config.augment = ml_collections.ConfigDict()
     config.augment.enabled = variants.model == "convlstm"  # Cached features cannot be flipped.

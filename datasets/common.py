@@ -11,9 +11,11 @@ live here, once; messages and summaries keep each dataset's own words.
 import csv
 import dataclasses
 import hashlib
+import io
 import logging
 import math
 import os
+import unicodedata
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from typing import TypeVar
 
@@ -151,10 +153,12 @@ def read_csv_dicts(
       ({column: value}, line number) per row, column names and values stripped of spaces.
 
     Raises:
-      error: a required column is missing, or a row has more values than the header.
+      error: a required column is missing, a row has more values than the header, the file is
+        not UTF-8 text, or a row cannot be parsed as CSV (e.g. a cell over the csv module's
+        field size limit); the message names the file and line.
     """
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f, skipinitialspace=True)
+    reader = csv.DictReader(_csv_text(path, error), skipinitialspace=True)
+    try:
         columns = [(c or "").strip() for c in reader.fieldnames or []]
         missing = [c for c in required if c not in columns]
         if missing:
@@ -172,6 +176,87 @@ def read_csv_dicts(
                     f"{extra_values_fix}"
                 )
             yield {(k or "").strip(): (v or "").strip() for k, v in row.items()}, reader.line_num
+    except csv.Error as e:  # The DictReader's own line count stops at the last good row.
+        raise error(_csv_error_message(path, reader.reader.line_num, e)) from None
+
+
+def read_csv_rows(path: str, error: type[Exception]) -> Iterator[tuple[list[str], int]]:
+    """The non-empty rows of a CSV file (with or without a header) as stripped cells.
+
+    Args:
+      path: the CSV file.
+      error: the exception type raised for a problem (the dataset's `...DataError`).
+
+    Yields:
+      (cells, line number) per row that has a non-empty cell.
+
+    Raises:
+      error: the file is not UTF-8 text, or a row cannot be parsed as CSV.
+    """
+    reader = csv.reader(_csv_text(path, error))
+    try:
+        for row in reader:
+            cells = [c.strip() for c in row]
+            if any(cells):
+                yield cells, reader.line_num
+    except csv.Error as e:
+        raise error(_csv_error_message(path, reader.line_num, e)) from None
+
+
+def _csv_text(path: str, error: type[Exception]) -> io.StringIO:
+    """A CSV file's text decoded as UTF-8 (a byte order mark is dropped), ready for `csv`."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise error(
+            f"{path}, line {line}: byte 0x{data[e.start]:02x} is not UTF-8 text; save the file "
+            "as UTF-8 (a spreadsheet's 'CSV UTF-8' format)."
+        ) from None
+    return io.StringIO(text, newline="")
+
+
+def _csv_error_message(path: str, line: int, problem: csv.Error) -> str:
+    return f"{path}, line {line}: not valid CSV ({problem}); fix the row."
+
+
+def check_file_name(
+    name: str, *, path: str, line: int, column: str, folder: str, error: type[Exception]
+) -> str:
+    """Checks that a CSV cell naming a file is a plain name, not a path.
+
+    Ids such as `../../etc/passwd`, `/abs/path`, `a\\b` or names with control characters
+    (NUL, newlines) would make a builder read files outside its manual directory, or fail
+    deep in the OS with a message that names no CSV line.
+
+    Args:
+      name: the cell's value (without extension).
+      path: the CSV file, named in the error.
+      line: the cell's line.
+      column: the cell's column.
+      folder: the folder the name is looked up in, named in the error.
+      error: the exception type raised.
+
+    Returns:
+      `name`, unchanged.
+
+    Raises:
+      error: `name` holds '/' or '\\', is '.' or '..', or holds a control character.
+    """
+    if (
+        "/" in name
+        or "\\" in name
+        or name in (".", "..")
+        or any(unicodedata.category(c) == "Cc" for c in name)
+    ):
+        raise error(
+            f"{path}, line {line}, column {column}: {name!r} is not a plain file name (it holds "
+            "a path separator, is '.' or '..', or holds a control character); give the name of "
+            f"a file in {folder}/, without any folder."
+        )
+    return name
 
 
 def float_or_nan(text: str) -> float:

@@ -17,9 +17,9 @@ import math
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 
-from medjax import tasks
+from medjax import cli, tasks
 
 TASK_COLUMNS = {
     "ich": (
@@ -67,10 +67,7 @@ def load_run(workdir: str, split: str) -> dict:
             f"{workdir}: no {metrics_path}; evaluate it first: python -m medjax.evaluate "
             f"--config=configs/<task>.py --workdir={workdir} --split={split}"
         )
-    with open(config_path) as f:
-        config = json.load(f)
-    with open(metrics_path) as f:
-        metrics = json.load(f)
+    config, metrics = _read_json(config_path), _read_json(metrics_path)
     model = config.get("model", {}).get("name", "?")
     data = config.get("data", {})
     if data.get("num_folds", 0):
@@ -81,6 +78,16 @@ def load_run(workdir: str, split: str) -> dict:
         "model": model,
         "metrics": metrics,
     }
+
+
+def _read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CompareError(
+            f"{path} is not valid JSON ({e}); it was cut off or edited: evaluate the run again."
+        ) from None
 
 
 def _cell(value) -> str:
@@ -136,4 +143,4 @@ if __name__ == "__main__":
     flags.DEFINE_string("metrics", "", "Comma-separated metric names (default: the task's).")
     flags.DEFINE_string("out", "", "Also write the table to this markdown file.")
     FLAGS = flags.FLAGS
-    app.run(main)
+    cli.run(main)

@@ -24,7 +24,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from medjax import checkpoint as ckpt_lib
-from medjax import parallel, tasks, writers
+from medjax import cli, parallel, tasks, writers
 
 MODEL_COLLECTIONS = ("params", "batch_stats")
 
@@ -193,4 +193,4 @@ def main(argv):
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli.run(main)

@@ -10,7 +10,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from medjax import evaluate, parallel, tasks, train, writers
+from medjax import cli, evaluate, parallel, tasks, train, writers
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -64,4 +64,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    cli.run(main)

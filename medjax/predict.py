@@ -31,7 +31,7 @@ import cv2
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from medjax import parallel, writers
+from medjax import cli, parallel, writers
 from medjax.preprocess.dicom import read_dicom_image
 from medjax.preprocess.image import read_grayscale
 from medjax.tasks import crl_chain
@@ -162,4 +162,4 @@ def main(argv):
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli.run(main)

@@ -45,6 +45,7 @@ from absl import flags, logging
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from medjax.preprocess import ct
+from medjax.preprocess.image import declared_image_size
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -72,9 +73,6 @@ _SUFFIXES = {
     "jpeg": ".jpg",
 }
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_JPEG_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-_JPEG_STANDALONE_MARKERS = {0x01, *range(0xD0, 0xDA)}
-_NIFTI_HEADER_BYTES = 540
 _SECURITY_HEADERS = {
     # The page runs no script and loads nothing: images are inline data URLs.
     "Content-Security-Policy": (
@@ -125,7 +123,7 @@ def sniff_kind(data: bytes) -> str | None:
     if _is_nifti_header(data):
         return "nifti"
     if data.startswith(b"\x1f\x8b"):
-        header = _gunzip_head(data)
+        header = ct.gunzip_head(data)
         if header is not None and _is_nifti_header(header):
             return "nifti_gz"
     return None
@@ -143,15 +141,6 @@ def _is_nifti_header(header: bytes) -> bool:
     return False
 
 
-def _gunzip_head(data: bytes, size: int = _NIFTI_HEADER_BYTES) -> bytes | None:
-    """The first `size` decompressed bytes of gzip data, or None when it is not valid gzip."""
-    try:
-        with gzip.GzipFile(fileobj=io.BytesIO(data)) as f:
-            return f.read(size)
-    except (OSError, EOFError, ValueError):
-        return None
-
-
 def declared_voxels(data: bytes, kind: str) -> int | None:
     """The number of voxels the file's header declares, read without decoding any pixels.
 
@@ -164,75 +153,18 @@ def declared_voxels(data: bytes, kind: str) -> int | None:
       cannot be parsed here (the reader then reports the file as unreadable).
     """
     try:
-        if kind == "png":
-            if data[12:16] != b"IHDR" or len(data) < 24:
-                return None
-            width, height = struct.unpack(">II", data[16:24])
-            return width * height
-        if kind == "jpeg":
-            return _jpeg_pixels(data)
+        if kind in ("png", "jpeg"):
+            size = declared_image_size(data)
+            return None if size is None else size[0] * size[1]
         if kind in ("nifti", "nifti_gz"):
-            header = data if kind == "nifti" else _gunzip_head(data)
-            return _nifti_voxels(header) if header else None
+            header = data if kind == "nifti" else ct.gunzip_head(data)
+            layout = ct.nifti_layout(header) if header else None
+            return None if layout is None else layout[0]
         if kind == "dicom":
             return _dicom_voxels(data)
     except (struct.error, ValueError, TypeError, OverflowError):
         return None
     return None
-
-
-def _jpeg_pixels(data: bytes) -> int | None:
-    pos = 2
-    while pos + 4 <= len(data):
-        if data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xFF:  # Fill byte before a marker.
-            pos += 1
-            continue
-        if marker in _JPEG_STANDALONE_MARKERS:
-            pos += 2
-            continue
-        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
-        if marker in _JPEG_SOF_MARKERS:
-            height, width = struct.unpack(">HH", data[pos + 5 : pos + 9])
-            return height * width
-        if marker == 0xDA:  # Start of scan: no frame header came before it.
-            return None
-        pos += 2 + length
-    return None
-
-
-def _nifti_layout(header: bytes) -> tuple[int, int] | None:
-    """(voxels, bytes up to the end of the voxel data) from a NIfTI-1/-2 header, or None."""
-    for endian in "<>":
-        (sizeof_hdr,) = struct.unpack(endian + "i", header[:4])
-        if sizeof_hdr == 348:
-            dims = struct.unpack(endian + "8h", header[40:56])
-            (bitpix,) = struct.unpack(endian + "h", header[72:74])
-            (vox_offset,) = struct.unpack(endian + "f", header[108:112])
-            break
-        if sizeof_hdr == 540:
-            (bitpix,) = struct.unpack(endian + "h", header[14:16])
-            dims = struct.unpack(endian + "8q", header[16:80])
-            (vox_offset,) = struct.unpack(endian + "q", header[168:176])
-            break
-    else:
-        return None
-    ndim = dims[0]
-    if not 1 <= ndim <= 7 or any(d < 0 for d in dims[1 : ndim + 1]) or bitpix <= 0:
-        return None
-    if not (np.isfinite(vox_offset) and 0 <= vox_offset < 2**40):
-        return None
-    voxels = 1
-    for d in dims[1 : ndim + 1]:
-        voxels *= max(int(d), 1)
-    return voxels, max(int(vox_offset), sizeof_hdr) + (voxels * int(bitpix) + 7) // 8
-
-
-def _nifti_voxels(header: bytes) -> int | None:
-    layout = _nifti_layout(header)
-    return None if layout is None else layout[0]
 
 
 def gunzip_nifti(data: bytes, max_bytes: int) -> bytes:
@@ -252,8 +184,8 @@ def gunzip_nifti(data: bytes, max_bytes: int) -> bytes:
     Raises:
       UploadError: the header is unreadable or declares more than `max_bytes`.
     """
-    header = _gunzip_head(data)
-    layout = _nifti_layout(header) if header else None
+    header = ct.gunzip_head(data)
+    layout = ct.nifti_layout(header) if header else None
     if layout is None:
         raise UploadError("the compressed NIfTI header is damaged; export the .nii.gz again.")
     needed = layout[1]

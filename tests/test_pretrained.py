@@ -386,7 +386,8 @@ def test_bare_backbone_skips_the_fc_keys(resnet18_files):
 
 
 def test_one_channel_model_sums_the_rgb_kernel(tmp_path, small_resnet18):
-    """A 1-channel model gets conv1 summed over R, G, B (reported); 2 channels do not fit."""
+    """A 1-channel model gets conv1 summed over R, G, B (reported), a 2-channel one that sum
+    in both of its channels."""
     arrays, model = small_resnet18
     path = _write_npz(tmp_path / "w.npz", arrays)
     initial = _initialised(model, jnp.ones((1, 32, 32, 1)))
@@ -396,11 +397,15 @@ def test_one_channel_model_sums_the_rgb_kernel(tmp_path, small_resnet18):
         variables["params"]["backbone"]["conv1"]["kernel"], expected, rtol=1e-6
     )
     assert any("conv1.weight" in note and "summed" in note for note in report.notes)
+    # 2 channels (a frame and its motion, say): each gets the grey kernel.
     two_channels = _initialised(model, jnp.ones((1, 32, 32, 2)))
-    with pytest.raises(
-        ValueError, match=r"conv1.weight: file \(8, 3, 7, 7\), model needs \(8, 2, 7, 7\)"
-    ):
-        pretrained.load_pretrained(two_channels, path, model_name="resnet18")
+    variables, report = pretrained.load_pretrained(two_channels, path, model_name="resnet18")
+    np.testing.assert_allclose(
+        variables["params"]["backbone"]["conv1"]["kernel"],
+        np.concatenate([expected, expected], axis=2),
+        rtol=1e-6,
+    )
+    assert any("each of the model's 2 input channels" in note for note in report.notes)
 
 
 def test_missing_unexpected_and_mismatched_keys_in_one_error(tmp_path, small_resnet18):

@@ -38,6 +38,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from medjax_datasets.common import (
     SPLITS,
+    check_file_name,
     code_path_property,
     float_or_nan,
     read_csv_dicts,
@@ -98,7 +99,7 @@ def read_landmarks(path: str) -> tuple[dict[str, np.ndarray], tuple[int, int] | 
     try:
         with open(path, encoding="utf-8") as f:
             annotation = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise CrlDataError(
             f"Annotation {path} is not valid JSON ({e}); fix it or re-export it from LabelMe."
         ) from None
@@ -144,14 +145,16 @@ def read_metadata(manual_dir: str) -> list[Record]:
         raise CrlDataError(
             f"{path} does not exist.\n{textwrap.dedent(CrlUltrasound.MANUAL_DOWNLOAD_INSTRUCTIONS)}"
         )
-    # Read in full first: a malformed row is reported before any referenced file is checked.
-    rows = list(read_csv_dicts(path, REQUIRED_COLUMNS, CrlDataError))
-
-    records, seen = [], set()
-    for row, line in rows:
+    # Every row is checked before any referenced file: a malformed row is reported first.
+    rows = []
+    seen = set()
+    for row, line in read_csv_dicts(path, REQUIRED_COLUMNS, CrlDataError):
         image_id, patient_id = row["id"], row["patient_id"]
         if not image_id or not patient_id:
             raise CrlDataError(f"{path}, line {line}: id and patient_id must not be empty.")
+        check_file_name(
+            image_id, path=path, line=line, column="id", folder="images", error=CrlDataError
+        )
         if image_id in seen:
             raise CrlDataError(
                 f"{path}, line {line}: id {image_id!r} appears twice; ids must be unique."
@@ -163,6 +166,17 @@ def read_metadata(manual_dir: str) -> list[Record]:
                 f"{path}, line {line}: quality={row['quality']!r}; "
                 "use 'good', 'bad' or leave it empty."
             )
+        values = {
+            "pixel_spacing_mm": _parse_float(
+                row["pixel_spacing_mm"], "pixel_spacing_mm", line, path
+            ),
+            "ga_days": _parse_float(row["ga_days"], "ga_days", line, path),
+            "quality": QUALITY_CODES[quality],
+        }
+        rows.append((image_id, patient_id, values, line))
+
+    records = []
+    for image_id, patient_id, values, line in rows:
         files = {
             "image": os.path.join(manual_dir, "images", f"{image_id}.png"),
             "mask": os.path.join(manual_dir, "masks", f"{image_id}.png"),
@@ -179,11 +193,7 @@ def read_metadata(manual_dir: str) -> list[Record]:
             Record(
                 id=image_id,
                 patient_id=patient_id,
-                pixel_spacing_mm=_parse_float(
-                    row["pixel_spacing_mm"], "pixel_spacing_mm", line, path
-                ),
-                ga_days=_parse_float(row["ga_days"], "ga_days", line, path),
-                quality=QUALITY_CODES[quality],
+                **values,
                 image_path=files["image"],
                 mask_path=files["mask"],
                 annotation_path=files["annotation"],

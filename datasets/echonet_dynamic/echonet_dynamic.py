@@ -66,6 +66,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from medjax_datasets.common import (
     SummaryReport,
+    check_file_name,
     code_path_property,
     counted_splits,
     drop_missing_videos,
@@ -212,6 +213,14 @@ def read_file_list(manual_dir: str) -> list[VideoRecord]:
         filename = strip_extension(row["FileName"], ".avi")
         if not filename:
             raise EchonetDataError(f"{path}, line {line}, column FileName: empty file name.")
+        check_file_name(
+            filename,
+            path=path,
+            line=line,
+            column="FileName",
+            folder=VIDEOS_DIR,
+            error=EchonetDataError,
+        )
         if filename in seen:
             raise EchonetDataError(
                 f"{path}, line {line}, column FileName: {filename!r} already appears on line "

@@ -83,7 +83,6 @@ options are stored in `builder.info.metadata["build_options"]`.
 """
 
 import collections
-import csv
 import dataclasses
 import logging
 import math
@@ -101,6 +100,7 @@ from medjax_datasets.common import (
     finish_build,
     float_or_nan,
     group_by_split,
+    read_csv_rows,
     split_patients_by_hash,
     video_feature,
 )
@@ -228,12 +228,7 @@ class BuildSummary(SummaryReport):
 
 def _rows(path: str) -> Iterator[tuple[list[str], int]]:
     """Non-empty CSV rows as stripped cells with their line numbers."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        for row in reader:
-            cells = [c.strip() for c in row]
-            if any(cells):
-                yield cells, reader.line_num
+    return read_csv_rows(path, EmbryoDataError)
 
 
 def _int(value: str, path: str, line: int, what: str) -> int:

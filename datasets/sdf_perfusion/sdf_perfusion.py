@@ -90,6 +90,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from medjax_datasets.common import (
     SummaryReport,
+    check_file_name,
     code_path_property,
     counted_splits,
     drop_missing_videos,
@@ -234,6 +235,9 @@ def read_labels(manual_dir: str) -> list[VideoRecord]:
         video_id = strip_extension(row["video_id"], ".avi")
         if not video_id:
             raise SdfDataError(f"{path}, line {line}, column video_id: empty video id.")
+        check_file_name(
+            video_id, path=path, line=line, column="video_id", folder=VIDEOS_DIR, error=SdfDataError
+        )
         if video_id in seen:
             raise SdfDataError(
                 f"{path}, line {line}, column video_id: {video_id!r} already appears on "

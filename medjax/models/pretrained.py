@@ -978,15 +978,20 @@ def load_pretrained(
             entry.first_conv
             and array.ndim == 4
             and array.shape[axis] == 3
-            and expected[axis] == 1
+            and expected[axis] != 3
             and array.shape[:axis] + array.shape[axis + 1 :]
             == expected[:axis] + expected[axis + 1 :]
         )
         if rgb_to_grey:
-            load(entry, key, _to_flax(array.sum(axis=axis, keepdims=True), entry.layout))
+            grey = array.sum(axis=axis, keepdims=True)
+            load(entry, key, _to_flax(np.repeat(grey, expected[axis], axis=axis), entry.layout))
             report.notes.append(
                 f"{entry.source_key}: the RGB kernel was summed over its 3 input channels for "
-                "the 1-channel model."
+                + (
+                    "the 1-channel model."
+                    if expected[axis] == 1
+                    else f"each of the model's {expected[axis]} input channels."
+                )
             )
             continue
         mismatched.append(f"{entry.source_key}: file {array.shape}, model needs {expected}")

@@ -41,11 +41,14 @@ import gzip
 import io
 import math
 import os
+import struct
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
 
-from medjax.preprocess.dicom import DicomReadError
+from medjax.preprocess.dicom import DicomReadError, pixel_header
+from medjax.preprocess.image import MAX_PIXELS
 
 WINDOWS: dict[str, tuple[float, float]] = {
     "brain": (40.0, 80.0),
@@ -70,6 +73,8 @@ _NIFTI1_MAGICS = (b"n+1\x00", b"ni1\x00")
 _NIFTI2_MAGICS = (b"n+2\x00", b"ni2\x00")
 _NIFTI1_MAGIC_OFFSET = 344
 _NIFTI2_MAGIC_OFFSET = 4
+# The longest NIfTI header (NIfTI-2); a NIfTI-1 header is 348 bytes.
+NIFTI_HEADER_BYTES = 540
 _DICOM_MAGIC_OFFSET = 128
 
 ACCEPTED_FORMATS = (
@@ -85,6 +90,8 @@ _COMPRESSIONS = {
 # openjpeg always uses 6 wavelet resolutions, so both sides need at least 2**5 pixels.
 _JPEG2000_MIN_SIDE = 32
 
+# No real CT value comes near this many HU; beyond it a rescale is broken (and float32 overflows).
+_MAX_HU = 1e9
 # Relative spread of slice gaps above which a series is reported as unevenly spaced.
 _SPACING_TOLERANCE = 0.01
 # Positions closer than this (mm) along the slice normal are the same position.
@@ -265,6 +272,11 @@ def _to_hu(ds, stored: np.ndarray, frame: int | None, warnings: list[str]) -> np
             "CT without RescaleSlope/RescaleIntercept; slope 1 and intercept 0 were used, so "
             "the values are HU only if the scanner stored HU directly."
         )
+    if not (math.isfinite(slope) and math.isfinite(intercept)):
+        raise ValueError(
+            f"RescaleSlope {slope:g} / RescaleIntercept {intercept:g} are not finite numbers; "
+            "the file is damaged."
+        )
     if slope == 0:
         raise ValueError("RescaleSlope is 0; every pixel would have the same HU.")
     bits_stored = int(getattr(ds, "BitsStored", 16) or 16)
@@ -282,8 +294,15 @@ def _to_hu(ds, stored: np.ndarray, frame: int | None, warnings: list[str]) -> np
                 "4096) - 1000 (the file's intercept is ignored)."
             )
         wrapped = np.mod(stored.astype(np.int64) + _BAD_INTERCEPT_SHIFT, _TWELVE_BIT_MODULUS)
-        return (wrapped * slope - _BAD_INTERCEPT_SHIFT).astype(np.float32)
-    return (stored.astype(np.float64) * slope + intercept).astype(np.float32)
+        hu = wrapped * slope - _BAD_INTERCEPT_SHIFT
+    else:
+        hu = stored.astype(np.float64) * slope + intercept
+    if hu.size and np.abs(hu).max() > _MAX_HU:
+        raise ValueError(
+            f"RescaleSlope {slope:g} and RescaleIntercept {intercept:g} give values up to "
+            f"{np.abs(hu).max():.3g} HU, beyond +-{_MAX_HU:g}; the file is damaged."
+        )
+    return hu.astype(np.float32)
 
 
 def _pixel_spacing(ds, warnings: list[str]) -> tuple[float, float] | None:
@@ -354,24 +373,14 @@ def _decode_pixels(ds, path: str) -> np.ndarray:
             f"{path}: DICOM file without pixel data (a report, a DICOMDIR, or a file cut off "
             "before its pixels); give the complete image file."
         )
-    samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
-    if samples != 1:
+    header = pixel_header(ds, path, CtReadError)
+    if header.samples != 1:
         raise CtReadError(
-            f"{path}: a colour DICOM (SamplesPerPixel {samples}), not a CT slice; give the "
+            f"{path}: a colour DICOM (SamplesPerPixel {header.samples}), not a CT slice; give the "
             "original grayscale CT image."
         )
-    rows, columns = int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)
-    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-    bits_allocated = int(getattr(ds, "BitsAllocated", 16) or 16)
+    rows, columns, frames = header.rows, header.columns, header.frames
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    if syntax is None or not syntax.is_compressed:
-        expected = rows * columns * frames * bits_allocated // 8
-        if len(ds.PixelData) < expected:
-            raise CtReadError(
-                f"{path}: truncated pixel data ({len(ds.PixelData)} of {expected} bytes for "
-                f"{frames} frame(s) of {rows}x{columns} at {bits_allocated} bits); the file "
-                "was cut off, copy or export it again."
-            )
     try:
         pixels = ds.pixel_array
     except Exception as e:  # Decoder and length errors come in many types.
@@ -468,7 +477,9 @@ def read_dicom_slice(path) -> CtImage:
 
     Raises:
       CtReadError: naming the file, when it is missing, empty, not DICOM, has no or truncated
-        pixel data, colour pixels, or pixels that cannot be decoded.
+        pixel data, a damaged image header or one declaring more than `MAX_PIXELS` values
+        (checked before decoding, see `medjax.preprocess.dicom.pixel_header`), colour pixels,
+        pixels that cannot be decoded, or a rescale giving non-finite or absurd HU.
     """
     return _decode_dicom(os.fspath(path))[1]
 
@@ -842,8 +853,71 @@ def _compression_syntax(compress: str | None):
 # ---------------------------------------------------------------------------------------------
 
 
+def gunzip_head(data: bytes, size: int = NIFTI_HEADER_BYTES) -> bytes | None:
+    """The first `size` decompressed bytes of gzip data, or None when it is not valid gzip.
+
+    Args:
+      data: gzip-compressed bytes.
+      size: how many decompressed bytes to return at most.
+
+    Returns:
+      Up to `size` bytes; None when the gzip stream is damaged before them.
+    """
+    try:
+        with gzip.GzipFile(fileobj=io.BytesIO(data)) as f:
+            return f.read(size)
+    except (OSError, EOFError, ValueError, zlib.error):
+        return None
+
+
+def nifti_layout(header: bytes) -> tuple[int, int] | None:
+    """(voxels, bytes up to the end of the voxel data) from a NIfTI-1/-2 header, or None.
+
+    Read from the header alone, so a file's memory needs are known before its data are read.
+
+    Args:
+      header: at least the first 348 (NIfTI-1) or 540 (NIfTI-2) bytes of the file.
+
+    Returns:
+      (number of voxels, the file size the header needs), or None when the header is not a
+      NIfTI-1/-2 header with 1-7 non-negative dimensions, a positive bitpix and a finite,
+      non-negative vox_offset.
+    """
+    try:
+        for endian in "<>":
+            (sizeof_hdr,) = struct.unpack(endian + "i", header[:4])
+            if sizeof_hdr == 348:
+                dims = struct.unpack(endian + "8h", header[40:56])
+                (bitpix,) = struct.unpack(endian + "h", header[72:74])
+                (vox_offset,) = struct.unpack(endian + "f", header[108:112])
+                break
+            if sizeof_hdr == 540:
+                (bitpix,) = struct.unpack(endian + "h", header[14:16])
+                dims = struct.unpack(endian + "8q", header[16:80])
+                (vox_offset,) = struct.unpack(endian + "q", header[168:176])
+                break
+        else:
+            return None
+    except struct.error:
+        return None
+    ndim = dims[0]
+    if not 1 <= ndim <= 7 or any(d < 0 for d in dims[1 : ndim + 1]) or bitpix <= 0:
+        return None
+    if not (math.isfinite(vox_offset) and 0 <= vox_offset < 2**40):
+        return None
+    voxels = 1
+    for d in dims[1 : ndim + 1]:
+        voxels *= max(int(d), 1)
+    return voxels, max(int(vox_offset), sizeof_hdr) + (voxels * int(bitpix) + 7) // 8
+
+
 def _nifti_image(path: str):
-    """A nibabel image from the file's bytes, whatever its extension (gzip is undone)."""
+    """A nibabel image and its voxels from the file's bytes, whatever its extension.
+
+    The header is checked first: a file declaring more than `MAX_PIXELS` voxels, or more data
+    than it holds, is refused before any voxel is read, and gzip data are decompressed only as
+    far as the header says the image needs (a small .nii.gz cannot expand to gigabytes).
+    """
     import nibabel as nib
 
     if not os.path.isfile(path):
@@ -852,18 +926,43 @@ def _nifti_image(path: str):
         data = f.read()
     if not data:
         raise CtReadError(f"{path}: empty file (0 bytes); copy or export it again.")
-    if data.startswith(_GZIP_SIGNATURE):
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as e:
-            raise CtReadError(
-                f"{path}: damaged gzip data ({e}); download or export the .nii.gz again."
-            ) from e
-    kind = _nifti_kind(data)
+    compressed = data.startswith(_GZIP_SIGNATURE)
+    head = gunzip_head(data) if compressed else data[:NIFTI_HEADER_BYTES]
+    if head is None:
+        raise CtReadError(
+            f"{path}: damaged gzip data (the NIfTI header cannot be decompressed); download or "
+            "export the .nii.gz again."
+        )
+    kind = _nifti_kind(head)
     if kind is None:
         raise CtReadError(
             f"{path}: not a NIfTI-1/-2 single file (no 'n+1'/'n+2' magic); give a .nii or "
             ".nii.gz file (Analyze .hdr/.img pairs are not read)."
+        )
+    layout = nifti_layout(head)
+    if layout is None:
+        raise CtReadError(
+            f"{path}: damaged NIfTI header (its dimensions, bitpix or vox_offset are invalid); "
+            "download or export it again."
+        )
+    voxels, needed = layout
+    if voxels > MAX_PIXELS:
+        raise CtReadError(
+            f"{path}: the NIfTI header declares {voxels:,} voxels, more than the "
+            f"{MAX_PIXELS:,} read from one file: the header is damaged, or give a smaller volume."
+        )
+    if compressed:
+        try:
+            with gzip.GzipFile(fileobj=io.BytesIO(data)) as f:
+                data = f.read(needed)
+        except (OSError, EOFError, zlib.error) as e:
+            raise CtReadError(
+                f"{path}: damaged gzip data ({e}); download or export the .nii.gz again."
+            ) from e
+    if len(data) < needed:
+        raise CtReadError(
+            f"{path}: truncated NIfTI file ({len(data):,} bytes{' uncompressed' * compressed}; "
+            f"its header needs {needed:,}); download or export it again."
         )
     image_class = nib.Nifti1Image if kind == 1 else nib.Nifti2Image
     try:
@@ -906,8 +1005,9 @@ def read_nifti_volume(path) -> CtImage:
       for 2-D files); no windows.
 
     Raises:
-      CtReadError: naming the file, when it is missing, empty, not NIfTI, damaged, or has more
-        than 3 dimensions of length > 1.
+      CtReadError: naming the file, when it is missing, empty, not NIfTI, damaged or
+        truncated, declares more than `MAX_PIXELS` voxels, or has more than 3 dimensions of
+        length > 1.
     """
     path = os.fspath(path)
     image, volume = _nifti_image(path)
@@ -1021,7 +1121,7 @@ def write_nifti_volume(
 
 
 def _sniff(path: str) -> str | None:
-    """'dicom', 'nifti', 'png', 'jpeg' or None, from the file's first bytes."""
+    """'dicom', 'nifti', 'png', 'jpeg', 'gzip' (not NIfTI inside) or None, from the content."""
     with open(path, "rb") as f:
         head = f.read(_NIFTI1_MAGIC_OFFSET + 4)
     if head[_DICOM_MAGIC_OFFSET : _DICOM_MAGIC_OFFSET + 4] == b"DICM":
@@ -1031,17 +1131,11 @@ def _sniff(path: str) -> str | None:
     if head.startswith(_JPEG_SIGNATURE):
         return "jpeg"
     if head.startswith(_GZIP_SIGNATURE):
-        try:
-            with gzip.open(io.BytesIO(_read_all(path))) as f:
-                head = f.read(_NIFTI1_MAGIC_OFFSET + 4)
-        except (OSError, EOFError):
-            return None
+        with open(path, "rb") as f:
+            head = gunzip_head(f.read())
+        # Damaged gzip data, or gzip of something else: the NIfTI reader says which.
+        return "nifti" if head and _nifti_kind(head) else "gzip"
     return "nifti" if _nifti_kind(head) else None
-
-
-def _read_all(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def _read_screenshot(path: str, kind: str) -> CtImage:
@@ -1096,7 +1190,7 @@ def read_ct_file(path) -> CtImage:
     kind = _sniff(path)
     if kind == "dicom":
         return read_dicom_slice(path)
-    if kind == "nifti":
+    if kind in ("nifti", "gzip"):
         image = read_nifti_volume(path)
         if image.hu.shape[-1] == 1:
             image.hu = image.hu[:, :, 0]

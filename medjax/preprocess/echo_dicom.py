@@ -47,6 +47,7 @@ import argparse
 import csv
 import dataclasses
 import hashlib
+import io
 import os
 import sys
 import tempfile
@@ -54,7 +55,7 @@ import tempfile
 import cv2
 import numpy as np
 
-from medjax.preprocess.dicom import DicomReadError
+from medjax.preprocess.dicom import DicomReadError, pixel_header
 from medjax.preprocess.video import write_video_gray
 
 FILE_LIST_COLUMNS = (
@@ -133,10 +134,13 @@ def read_echo_dicom(path: str, fallback_fps: float | None = None) -> EchoVideo:
         raise NotEchoVideoError(f"{path}: not a readable DICOM file ({type(e).__name__}: {e}).")
     if "PixelData" not in ds:
         raise NotEchoVideoError(f"{path}: DICOM without pixel data (not an image).")
-    modality = str(getattr(ds, "Modality", "") or "")
+    try:
+        modality = str(ds.get("Modality", "") or "").strip()
+    except Exception as e:  # A damaged element fails when it is converted.
+        raise DicomReadError(f"{path}: Modality cannot be read ({type(e).__name__}: {e}).")
     if modality and modality != "US":
         raise NotEchoVideoError(f"{path}: modality {modality!r}, not ultrasound ('US').")
-    num_frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    num_frames = pixel_header(ds, path).frames
     if num_frames < 2:
         raise NotEchoVideoError(f"{path}: single-frame DICOM image, not a video.")
     fps = _frame_rate(ds, path, fallback_fps)
@@ -156,7 +160,11 @@ def _decode_pixels(ds, path: str) -> np.ndarray:
         return ds.pixel_array
     except Exception as e:  # Missing plugins and corrupt data raise many types.
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        if syntax is not None and syntax.is_compressed:
+        try:
+            compressed = syntax is not None and syntax.is_compressed
+        except ValueError:  # pydicom: not a transfer syntax it knows.
+            compressed = False
+        if compressed:
             raise DicomReadError(
                 f"{path}: cannot decode its compressed pixel data ({syntax.name}; "
                 f"{type(e).__name__}: {e}). Install the JPEG decoders with "
@@ -402,13 +410,24 @@ def merge_file_list(csv_path: str, rows: list[dict[str, str]]) -> int:
       the number of rows in the file afterwards.
 
     Raises:
-      ValueError: the existing file lacks one of FILE_LIST_COLUMNS (names the file and columns).
+      ValueError: the existing file lacks one of FILE_LIST_COLUMNS (names the file and columns),
+        is not UTF-8 text, or is not valid CSV (names the file and line).
     """
     columns = list(FILE_LIST_COLUMNS)
     existing: dict[str, dict[str, str]] = {}
     if os.path.exists(csv_path):
-        with open(csv_path, newline="") as f:
-            reader = csv.DictReader(f)
+        with open(csv_path, "rb") as f:
+            raw = f.read()
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            raise ValueError(
+                f"{csv_path}, line {line}: the existing FileList is not UTF-8 text; save it as "
+                "UTF-8, or move it away to start a new one."
+            ) from None
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        try:
             header = list(reader.fieldnames or [])
             missing = [c for c in FILE_LIST_COLUMNS if c not in header]
             if missing:
@@ -419,6 +438,11 @@ def merge_file_list(csv_path: str, rows: list[dict[str, str]]) -> int:
             columns = header
             for row in reader:
                 existing[row["FileName"]] = row
+        except csv.Error as e:  # The DictReader's own line count stops at the last good row.
+            raise ValueError(
+                f"{csv_path}, line {reader.reader.line_num}: the existing FileList is not "
+                f"valid CSV ({e}); fix it, or move it away to start a new one."
+            ) from None
     for row in rows:
         old = existing.get(row["FileName"], {})
         merged = {**old, **row}

@@ -6,8 +6,9 @@ as a Motion-JPEG AVI with three identical colour channels, the way echocardiogra
 (EchoNet-Dynamic among them) store grayscale cine loops.
 
 Every reading problem raises one `VideoReadError` (a `ValueError`) whose message names the file
-and says what to do: missing, empty, not decodable, no frames, or fewer frames than expected
-(a truncated download or copy).
+and says what to do: missing, empty, not decodable, no frames, fewer frames than expected (a
+truncated download or copy), or more pixels than `medjax.preprocess.image.MAX_PIXELS` in all
+(decoding stops there, so memory stays bounded whatever the file).
 """
 
 import math
@@ -15,6 +16,8 @@ import os
 
 import cv2
 import numpy as np
+
+from medjax.preprocess.image import MAX_PIXELS
 
 MJPG_QUALITY = 90  # JPEG quality (0-100) of the frames written by write_video_gray.
 
@@ -43,7 +46,8 @@ def read_video_gray(
 
     Raises:
       VideoReadError: naming the file, when it is missing, empty, cannot be opened or
-        decoded, has no frames, or has fewer than `expected_frames` frames.
+        decoded, has no frames, has fewer than `expected_frames` frames, or decodes to more
+        than `MAX_PIXELS` pixels.
     """
     name = os.fspath(path)
     if not os.path.isfile(name):
@@ -59,6 +63,7 @@ def read_video_gray(
             )
         fps = float(capture.get(cv2.CAP_PROP_FPS))
         frames = []
+        pixels = 0
         while True:
             ok, frame = capture.read()
             if not ok or frame is None:
@@ -66,6 +71,13 @@ def read_video_gray(
             if frame.ndim == 3:
                 frame = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
             frames.append(frame)
+            pixels += frame.size
+            if pixels > MAX_PIXELS:
+                raise VideoReadError(
+                    f"Video file {name!r} decodes to more than {MAX_PIXELS:,} pixels (over "
+                    f"{len(frames)} frames of {frame.shape[0]}x{frame.shape[1]}), more than one "
+                    "video may hold here; cut it into shorter clips."
+                )
     finally:
         capture.release()
     if not frames:

@@ -5,6 +5,9 @@ Data: the `sdf_perfusion` TFDS dataset (built with `config.data.frame_size`, `nu
 scores (0 no flow .. 3 continuous, -1 not scored), the video MFI (mean of the scored
 quadrants) and the flow class (their most frequent score). Splits are the builder's, by patient.
 
+Input: gray frames, and with `data.motion_channel` (the default for both neural models) a
+second channel of absolute frame differences, since flow is motion (`scale_frames`).
+
 Models (`config.model.name`):
 - `convlstm` (`PerfusionTask`): `ConvLSTMClassifier` on frames / 255. Training augmentation:
   a random window of `data.clip_frames` frames when the stored clip is longer, random
@@ -563,16 +566,16 @@ class PerfusionTask(_PerfusionEvaluation, PerfusionData, Task):
 
 def scale_frames(video, model_name: str, motion_channel: bool = False) -> jnp.ndarray:
     """uint8 clips (B, T, S, S, 1) -> model input: [0, 1] for the ConvLSTM, [-1, 1] (what
-    ImageNet InceptionV3 weights expect) for the CNN-RNN. With `motion_channel` (ConvLSTM),
-    a second channel holds MOTION_GAIN x |frame t - frame t-1| (0 for the first frame)."""
-    x = jnp.asarray(video, jnp.float32)
+    ImageNet InceptionV3 weights expect) for the CNN-RNN. With `motion_channel`, a second
+    channel holds MOTION_GAIN x |frame t - frame t-1| (0 for the first frame); ImageNet
+    weights give it the first conv's grey kernel too (see medjax.models.pretrained)."""
+    x = jnp.asarray(video, jnp.float32) / 255.0
+    motion = MOTION_GAIN * jnp.abs(jnp.diff(x, axis=1, prepend=x[:, :1]))
     if model_name != "convlstm":
-        return x / 127.5 - 1.0
-    x = x / 255.0
+        x = x * 2.0 - 1.0  # Motion stays >= 0: a still frame adds nothing to the first conv.
     if not motion_channel:
         return x
-    motion = jnp.abs(jnp.diff(x, axis=1, prepend=x[:, :1]))
-    return jnp.concatenate([x, MOTION_GAIN * motion], axis=-1)
+    return jnp.concatenate([x, motion], axis=-1)
 
 
 # ---------------------------------------------------------------------------- CNN-RNN frozen
@@ -581,7 +584,8 @@ def init_backbone(config) -> dict:
     from the local file `config.model.init_from` when set."""
     model = models.build_model(config.model, num_classes=NUM_CLASSES)
     size = config.data.frame_size
-    example = jnp.zeros((1, 1, size, size, 1), jnp.float32)
+    channels = 2 if config.data.get("motion_channel", False) else 1
+    example = jnp.zeros((1, 1, size, size, channels), jnp.float32)
     variables = jax.jit(lambda key: model.init(key, example, train=False))(
         jax.random.key(config.seed, impl="rbg")
     )
@@ -695,7 +699,10 @@ class PerfusionFeatureTask(_PerfusionEvaluation, PerfusionData, Task):
             padded = np.concatenate(
                 [videos, np.zeros((batch - len(videos), *videos.shape[1:]), np.uint8)]
             )
-            out = apply(self._backbone, scale_frames(padded, "cnn_rnn"))
+            out = apply(
+                self._backbone,
+                scale_frames(padded, "cnn_rnn", self.config.data.get("motion_channel", False)),
+            )
             chunks.append(np.asarray(out)[: len(videos)])
         features = np.concatenate(chunks).astype(np.float32)
         if jax.process_index() == 0:

@@ -39,8 +39,9 @@ def stage_config(
     """
     path = os.path.join(workdir, stage, "config.json")
     if not os.path.exists(path):
+        what = f"trained {stage!r} stage" if stage else "trained model"
         raise MissingStageError(
-            f"No trained {stage!r} stage in {workdir} ({path} is missing). Train it with: "
+            f"No {what} in {workdir} ({path} is missing). Train it with: "
             f"{_train_command(config_file, variant, workdir)}"
         )
     with open(path) as f:
