@@ -108,6 +108,7 @@ def get_config(arg=None):
         "keypoints": ("val_point_error_mm", "min"),
     }[stage]
     config.train.halt_at_step = -1  # >0: stop there as if preempted (resume tests, time slices).
+    config.train.nonfinite = "stop"  # NaN/Inf loss, gradients or state: "stop", or "skip" the step.
 
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 32

@@ -98,6 +98,7 @@ def get_config(arg=None):
         "segment": ("val_dice_overall", "max"),
     }[stage]
     config.train.halt_at_step = -1
+    config.train.nonfinite = "stop"  # NaN/Inf loss, gradients or state: "stop", or "skip" the step.
 
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 16

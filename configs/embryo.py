@@ -200,4 +200,5 @@ def _train(*, steps: int, batch_size: int, learning_rate: float) -> ml_collectio
     train.keep_checkpoints = 2
     train.best_metric, train.best_mode = "val_loss", "min"
     train.halt_at_step = -1
+    train.nonfinite = "stop"  # NaN/Inf loss, gradients or state: "stop", or "skip" the step.
     return train

@@ -108,6 +108,7 @@ def get_config(arg=None):
     config.train.best_metric = "val_dice_pooled"
     config.train.best_mode = "max"
     config.train.halt_at_step = -1
+    config.train.nonfinite = "stop"  # NaN/Inf loss, gradients or state: "stop", or "skip" the step.
 
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 32

@@ -127,6 +127,7 @@ def get_config(arg=None):
     config.train.best_metric = "val_kappa"
     config.train.best_mode = "max"
     config.train.halt_at_step = -1
+    config.train.nonfinite = "stop"  # NaN/Inf loss, gradients or state: "stop", or "skip" the step.
     # cnn_rnn: frames per jit call when filling the frozen stage's feature cache.
     config.train.feature_batch_size = 16
     if variants.model == "cnn_rnn" and variants.stage == "finetune":

@@ -6,6 +6,10 @@ asynchronous and atomic: orbax writes into a temporary directory and renames it 
 is complete, so a process killed mid-save leaves the previous checkpoints intact; leftover
 temporary directories are ignored and removed when the manager opens the directory.
 
+A save that fails (disk full, permissions, a storage error), whether it fails at once or later in
+the background, raises `CheckpointWriteError` naming the checkpoint directory, the step and the
+last complete checkpoint, which the failed save leaves intact.
+
 Kept: the latest `max_to_keep` checkpoints plus the best one by a configured metric.
 """
 
@@ -21,6 +25,10 @@ import orbax.checkpoint as ocp
 _STATE = "state"
 _DATA = "data_iterator"
 _CONFIG = "config"
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; the previous checkpoints are left as they were."""
 
 
 class Checkpointer:
@@ -79,6 +87,8 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=(_STATE, _DATA, _CONFIG)
         )
+        self._in_flight: Optional[int] = None  # Step of an asynchronous save not yet waited on.
+        self._failure: Optional[CheckpointWriteError] = None
 
     def _metric_value(self, metrics: Mapping[str, Any]) -> float:
         value = float(metrics[self.best_metric])
@@ -147,7 +157,12 @@ class Checkpointer:
         metrics: Optional[Mapping[str, float]] = None,
         force: bool = True,
     ) -> None:
-        """Starts saving; returns at once when async. Call `wait()` before exiting."""
+        """Starts saving; returns at once when async. Call `wait()` or `close()` before exiting.
+
+        Raises:
+          CheckpointWriteError: this save, or the previous asynchronous one, could not be
+            written (the checkpoints before it stay intact).
+        """
         args = ocp.args.Composite(
             **{
                 _STATE: ocp.args.StandardSave(state),
@@ -156,7 +171,12 @@ class Checkpointer:
             }
         )
         metrics = {k: float(v) for k, v in (metrics or {}).items()}
-        self._manager.save(step, args=args, metrics=metrics or None, force=force)
+        self.wait()  # A failure of the previous (asynchronous) save is reported as that step's.
+        try:
+            self._manager.save(step, args=args, metrics=metrics or None, force=force)
+        except Exception as error:
+            raise self._write_error(step, error) from error
+        self._in_flight = step
 
     def restore(self, step: int, target_state: Any) -> tuple[Any, dict]:
         """Restores the train state into the structure/sharding of `target_state`.
@@ -199,8 +219,56 @@ class Checkpointer:
         return dict(restored[_CONFIG] or {})
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        """Blocks until the asynchronous save in flight, if any, is on disk.
+
+        Raises:
+          CheckpointWriteError: that save failed.
+        """
+        if self._failure is not None:
+            raise self._failure
+        try:
+            self._manager.wait_until_finished()
+        except Exception as error:
+            raise self._write_error(self._in_flight, error) from error
+        self._in_flight = None
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Waits for the save in flight, then releases the manager.
+
+        Raises:
+          CheckpointWriteError: the save in flight failed (unless that failure was already
+            raised by `save` or `wait`).
+        """
+        reported = self._failure is not None
+        try:
+            if not reported:
+                self.wait()
+        finally:
+            try:
+                self._manager.close()
+            except Exception:  # The failure already raised resurfaces here: it is not news.
+                if not (reported or self._failure is not None):
+                    raise
+
+    def _write_error(self, step: Optional[int], error: Exception) -> CheckpointWriteError:
+        """The error a user sees for a failed save: directory, step, cause, what is intact."""
+        try:
+            self._manager.reload()  # What is on disk now, not what this manager last wrote.
+        except Exception:  # The directory itself may be unreadable: keep the cached list.
+            pass
+        complete = self._manager.latest_step()
+        intact = (
+            f"The last complete checkpoint, step {complete}, is intact"
+            if complete is not None
+            else "No earlier checkpoint exists"
+        )
+        what = f"the checkpoint of step {step}" if step is not None else "a checkpoint"
+        failure = CheckpointWriteError(
+            f"Could not write {what} to {self.directory}: {error}. {intact}. Free disk space "
+            "(or fix the directory's permissions, or use another --workdir), then re-run the "
+            "same command to resume from the last complete checkpoint."
+        )
+        failure.errno = getattr(error, "errno", None)
+        self._failure = failure
+        self._in_flight = None
+        return failure

@@ -1,7 +1,8 @@
 """Running a command-line entry point so that a user's mistake ends in one message.
 
 `run(main)` is `absl.app.run(main)`, except that a `ValueError` or `OSError` escaping `main`
-(the project's errors for bad files, folders, configs and flags are all one of these) ends the
+(the project's errors for bad files, folders, configs and flags are all one of these), or the
+trainer's `NonFiniteLossError` (a `FloatingPointError` naming the step and the batch), ends the
 program with `python -m <module>: error: <message>` on stderr and exit status 1 instead of a
 Python traceback. Set MEDJAX_TRACEBACK=1 to get the traceback as well (for a bug report).
 """
@@ -27,7 +28,7 @@ def run(main: Callable[[list[str]], object]) -> None:
     def guarded(argv: list[str]):
         try:
             return main(argv)
-        except (ValueError, OSError) as e:
+        except (ValueError, OSError, FloatingPointError) as e:
             if os.environ.get(TRACEBACK_VARIABLE, "") not in ("", "0"):
                 raise
             logging.debug("Stopped by a user error.", exc_info=True)

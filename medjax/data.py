@@ -26,12 +26,19 @@ tell synthetic raw data from real raw data; only `ensure_built` synthesizes, int
 
 Builds never touch the network: no GCS lookups, no downloads; the data comes from the manual
 directory only. TFDS writes into a temporary `incomplete.*` folder and renames it when done,
-so an interrupted build leaves no half-written dataset behind (just that temporary folder).
+so an interrupted build leaves no half-written dataset behind, only that temporary folder (and
+a synthesis cut short leaves a `.incomplete-*` raw folder). A build holds an exclusive lock
+(`<data_dir>/<name>/.build.lock`, released by the system even when the process is killed):
+two builds of one dataset never run at once, and the temporary folders a build finds while
+holding the lock are those of killed builds, which it removes.
 """
 
 import argparse
 import ast
+import contextlib
 import dataclasses
+import fcntl
+import glob
 import hashlib
 import inspect
 import json
@@ -40,9 +47,10 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import tensorflow_datasets as tfds
+from absl import logging
 from medjax_datasets import (
     crl_ultrasound,
     ct_ich,
@@ -167,6 +175,55 @@ def _set_options(name: str, options: dict) -> dict:
     return {k: v for k, v in options.items() if v is not None and defaults.get(k, object()) != v}
 
 
+@contextlib.contextmanager
+def _build_lock(name: str, data_dir: str | os.PathLike) -> Iterator[bool]:
+    """Holds the exclusive build lock of dataset `name` in `data_dir` (waiting for it).
+
+    Yields True while held; False where the file system has no locks (then builds are not
+    serialised and no temporary folder is removed, as it may belong to a running build).
+    """
+    root = os.path.join(os.fspath(data_dir), name)
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, ".build.lock"), "a") as lock:
+        try:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                logging.warning("Waiting for another process building %s (%s).", name, lock.name)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError as error:
+            logging.warning(
+                "Cannot lock %s (%s): building without a lock; leftover temporary folders of "
+                "killed builds are kept.",
+                lock.name,
+                error,
+            )
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _remove_leftovers(pattern: str) -> None:
+    """Removes the temporary folders of killed builds matching the glob `pattern` (call only
+    while holding the build lock)."""
+    for path in glob.glob(pattern):
+        if os.path.isdir(path):
+            logging.warning("Removing %s, left by a build that was killed.", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _prepare(builder: tfds.core.DatasetBuilder, manual_dir: str | os.PathLike) -> None:
+    builder.download_and_prepare(
+        file_format=FILE_FORMAT,
+        download_config=tfds.download.DownloadConfig(
+            manual_dir=os.fspath(manual_dir), try_download_gcs=False
+        ),
+    )
+
+
 def build(
     name: str,
     manual_dir: str | os.PathLike,
@@ -176,19 +233,24 @@ def build(
     """Builds dataset `name` from raw `manual_dir` into `data_dir`; returns the prepared builder.
 
     Idempotent: when this raw data is already built in `data_dir` with these options, only
-    loads it. `options` are the dataset's build options (`DatasetEntry.build_options`, e.g.
+    loads it (without taking the build lock, so a read-only data_dir can be read). `options`
+    are the dataset's build options (`DatasetEntry.build_options`, e.g.
     `skip_missing_videos=True` for video datasets: leave out listed videos whose file is
     missing instead of failing); None or the builder's default leaves an option unset.
     """
     options = _set_options(name, options)
-    builder = _builder(name, data_dir, build_key(name, manual_dir, options), **options)
-    if not builder.is_prepared():
-        builder.download_and_prepare(
-            file_format=FILE_FORMAT,
-            download_config=tfds.download.DownloadConfig(
-                manual_dir=os.fspath(manual_dir), try_download_gcs=False
-            ),
-        )
+    key = build_key(name, manual_dir, options)
+    builder = _builder(name, data_dir, key, **options)
+    if builder.is_prepared():
+        return builder
+    with _build_lock(name, data_dir) as locked:
+        # Another process may have finished the build while this one waited for the lock.
+        builder = _builder(name, data_dir, key, **options)
+        if not builder.is_prepared():
+            if locked:
+                config_dir = os.path.join(os.fspath(data_dir), name, key)
+                _remove_leftovers(os.path.join(glob.escape(config_dir), "incomplete.*"))
+            _prepare(builder, manual_dir)
     return builder
 
 
@@ -253,17 +315,28 @@ def ensure_built(
             raise ValueError("Pass manual_dir (real data) or synthetic_num (synthetic data).")
         manual_dir = synthetic_raw_dir(name, data_dir, synthetic_num, synthetic_seed)
         if not os.path.isdir(manual_dir):
-            os.makedirs(os.path.dirname(manual_dir), exist_ok=True)
-            tmp_dir = tempfile.mkdtemp(prefix=".incomplete-", dir=os.path.dirname(manual_dir))
-            try:
-                synthesize(name, tmp_dir, synthetic_num, synthetic_seed)
-                os.rename(tmp_dir, manual_dir)
-            except OSError:
-                if not os.path.isdir(manual_dir):  # Not just lost a race to another process.
-                    raise
-            finally:
-                shutil.rmtree(tmp_dir, ignore_errors=True)
+            with _build_lock(name, data_dir) as locked:
+                _synthesize_once(name, manual_dir, synthetic_num, synthetic_seed, locked)
     return build(name, manual_dir, data_dir, **options)
+
+
+def _synthesize_once(name: str, raw_dir: str, num: int, seed: int, locked: bool) -> None:
+    """Synthesizes into `raw_dir` unless there, through a temporary folder renamed when done."""
+    if os.path.isdir(raw_dir):  # Written by another process while this one waited.
+        return
+    parent, prefix = os.path.dirname(raw_dir), f".incomplete-{os.path.basename(raw_dir)}-"
+    os.makedirs(parent, exist_ok=True)
+    if locked:
+        _remove_leftovers(os.path.join(glob.escape(parent), glob.escape(prefix) + "*"))
+    tmp_dir = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    try:
+        synthesize(name, tmp_dir, num, seed)
+        os.rename(tmp_dir, raw_dir)
+    except OSError:
+        if not os.path.isdir(raw_dir):  # Not just lost a race to an unlocked process.
+            raise
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def cached_index(
@@ -354,7 +427,13 @@ def main(argv: list[str] | None = None) -> None:
         help="a build option of the dataset (see `list`), e.g. --option frame_size=64; repeatable",
     )
     args = parser.parse_args(argv)
+    try:
+        _run_command(args)
+    except (ValueError, OSError) as e:  # The data's or the user's problem: no traceback.
+        parser.exit(1, f"{parser.prog} {args.command}: error: {e}\n")
 
+
+def _run_command(args: argparse.Namespace) -> None:
     if args.command == "list":
         for name, entry in sorted(DATASETS.items()):
             options = f" [build options: {', '.join(entry.build_options)}]"
