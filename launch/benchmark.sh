@@ -3,7 +3,8 @@
 # tables): the CRL U-Net (segment stage) at 1, 2, 4 and 8 devices, the quality (VGG-16) and
 # keypoint (ResNet-34 heatmap) stages at 1 device, the U-Net in bfloat16, the U-Net's input
 # pipeline (builds the synthetic CRL dataset into data/ if needed), the EchoNet EF regressor
-# at 1, 2, 4 and 8 devices, the LV DeepLabv3, and the EF input pipeline.
+# at 1, 2, 4 and 8 devices, the LV DeepLabv3, the EF input pipeline, the ICH U-Net and
+# DeepLabv3, the perfusion ConvLSTM, and the embryo VAE.
 # On a CPU the 2/4/8-device runs use virtual devices in subprocesses; on a GPU / TPU machine
 # the first N devices. Extra arguments go to every run (e.g. --steps=50 --batch_per_device=8).
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
@@ -29,4 +30,8 @@ bench unet_input --config=configs/crl.py --devices=1 --batch_per_device=16 --inp
 bench echonet_ef --config=configs/echonet.py --devices=1,2,4,8 --batch_per_device=4 "$@"
 bench echonet_lv --config=configs/echonet.py:task=segment --devices=1 --batch_per_device=16 "$@"
 bench echonet_ef_input --config=configs/echonet.py --devices=1 --batch_per_device=16 --input_pipeline "$@"
+bench ich_unet --config=configs/ich.py:model=unet --devices=1 --batch_per_device=16 "$@"
+bench ich_deeplabv3 --config=configs/ich.py:model=deeplabv3 --devices=1 --batch_per_device=16 "$@"
+bench perfusion_convlstm --config=configs/perfusion.py:model=convlstm --devices=1,2 --batch_per_device=4 "$@"
+bench embryo_vae --config=configs/embryo.py:stage=embed --devices=1 --batch_per_device=64 "$@"
 echo "Records and tables in $OUT/"

@@ -457,10 +457,11 @@ def benchmark(
     device = mesh.devices.ravel()[0]
     record = {
         "task": config.task,
-        "stage": config.get("stage"),
+        "stage": config.get("stage") or "",
         "model": config.model.name,
         "num_params": int(num_params),
-        "image_size": config.data.get("image_size") or config.data.get("frame_size"),
+        # One example's model input (H, W, C; T, H, W, C for video) without the batch axis.
+        "input_shape": list(np.shape(task.model_inputs(task.example_batch(1)))[1:]),
         "platform": device.platform,
         "device_kind": getattr(device, "device_kind", device.platform),
         "device_count": num_devices,
@@ -593,8 +594,9 @@ def format_table(records: list[dict]) -> str:
     lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
     first = records[0] if records else {}
     title = (
-        f"{first.get('task')}/{first.get('stage')} {first.get('model')} "
-        f"({first.get('num_params', 0) / 1e6:.2f}M params, image {first.get('image_size')}) on "
+        f"{'/'.join(filter(None, (first.get('task'), first.get('stage'))))} {first.get('model')} "
+        f"({first.get('num_params', 0) / 1e6:.2f}M params, input "
+        f"{'x'.join(map(str, first.get('input_shape', [])))}) on "
         f"{first.get('device_kind')}; peak {first.get('peak_tflops', 0):.3g} TFLOP/s "
         f"({first.get('peak_tflops_source')})"
     )
