@@ -233,6 +233,17 @@ def perfusion_loss(outputs: dict, flow_class, quadrant_scores, loss_cfg) -> jnp.
 FLOW_CLASS_RULES = ("quadrants", "head")
 
 
+def flow_class_rule(config) -> str:
+    """How the flow class is read from the outputs: `model.flow_class_rule`, checked;
+    "quadrants" when the key is absent (runs saved before the option)."""
+    rule = config.model.get("flow_class_rule", "quadrants")
+    if rule not in FLOW_CLASS_RULES:
+        raise ValueError(
+            f"config.model.flow_class_rule={rule!r}: choose one of {', '.join(FLOW_CLASS_RULES)}."
+        )
+    return rule
+
+
 def mode_class_probs(quadrant_probs: jnp.ndarray, scored: jnp.ndarray | None = None):
     """P(flow class = k): the distribution of the label rule's class (the most frequent score
     of the scored quadrants, ties to the lower) when each quadrant's score is drawn
@@ -443,7 +454,7 @@ class _PerfusionEvaluation:
         return predictions(outputs, self._rule())
 
     def _rule(self) -> str:
-        return self.config.model.get("flow_class_rule", "quadrants")
+        return flow_class_rule(self.config)
 
     def write_evaluation(self, out_dir, split, gathered, variables=None):
         rows = prediction_rows(self.split_index(split), gathered)
@@ -897,7 +908,7 @@ class PerfusionPredictor:
         self._predict = jax.jit(
             lambda v, video: predictions(
                 model.apply(v, scale_frames(video, name, motion), train=False),
-                self.config.model.get("flow_class_rule", "quadrants"),
+                flow_class_rule(self.config),
             )
         )
 
