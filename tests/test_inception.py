@@ -383,7 +383,7 @@ def test_cached_feature_head_equals_the_full_model_and_crops_are_quadrants():
     variables = _filled(model, frames)
 
     head = model.sequence_head()
-    head_params = _filled(head, jnp.zeros((2, 3, 5, 256)), seed=7)["params"]
+    head_params = _filled(head, jnp.zeros((2, 3, 4, 256)), seed=7)["params"]
     assert jax.tree.structure(head_params) == jax.tree.structure(variables["params"]["head"])
     combined = {
         "params": {"backbone": variables["params"]["backbone"], "head": head_params},
@@ -397,10 +397,10 @@ def test_cached_feature_head_equals_the_full_model_and_crops_are_quadrants():
         return features, full, updates
 
     features, full, updates = cache_then_full_model(combined, frames)
-    assert features.shape == (2, 3, 5, 256)
-    np.testing.assert_allclose(features[:, :, 1], features[:, :, 4], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(features[:, :, 2], features[:, :, 3], rtol=1e-5, atol=1e-6)
-    assert float(jnp.max(jnp.abs(features[:, :, 1] - features[:, :, 2]))) > 1e-3
+    assert features.shape == (2, 3, 4, 256)  # q1 .. q4, row by row.
+    np.testing.assert_allclose(features[:, :, 0], features[:, :, 3], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(features[:, :, 1], features[:, :, 2], rtol=1e-5, atol=1e-6)
+    assert float(jnp.max(jnp.abs(features[:, :, 0] - features[:, :, 1]))) > 1e-3
 
     from_cache = head.apply({"params": head_params}, features, train=False)
     assert full["video_logits"].shape == (2, 4) and full["quadrant_logits"].shape == (2, 4, 3)
@@ -413,6 +413,42 @@ def test_cached_feature_head_equals_the_full_model_and_crops_are_quadrants():
         CnnRnnClassifier(quadrant_mode="sequence").sequence_head().init(
             jax.random.key(0), features, train=False
         )
+
+
+def test_crops_training_statistics_are_one_pass_over_the_crops():
+    """A backbone trained or calibrated on crops keeps statistics of crops only: its running
+    averages move once per call, by the statistics of the batch of all quadrant crops."""
+    model = CnnRnnClassifier(width=4, hidden=8, quadrant_mode="crops", freeze_backbone_bn=False)
+    frames = jnp.asarray(np.random.default_rng(3).normal(size=(2, 3, 16, 16, 1)), jnp.float32)
+    variables = _filled(model, frames)
+    _, updates = model.apply(variables, frames, train=True, mutable=["batch_stats"])
+    crops = jnp.stack(
+        [frames[:, :, r : r + 8, c : c + 8] for r in (0, 8) for c in (0, 8)], axis=2
+    ).reshape(-1, 8, 8, 1)
+    backbone = InceptionV3(width=4, num_classes=0, padding="SAME")
+    _, expected = backbone.apply(
+        {
+            "params": variables["params"]["backbone"],
+            "batch_stats": variables["batch_stats"]["backbone"],
+        },
+        crops,
+        train=True,
+        method=InceptionV3.features,
+        mutable=["batch_stats"],
+    )
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+        updates["batch_stats"]["backbone"],
+        expected["batch_stats"],
+    )
+    moved = jax.tree.leaves(
+        jax.tree.map(
+            lambda a, b: float(jnp.max(jnp.abs(a - b))),
+            updates["batch_stats"],
+            variables["batch_stats"],
+        )
+    )
+    assert max(moved) > 1e-3
 
 
 def test_registry_and_finetuning_groups():

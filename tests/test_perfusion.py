@@ -1,6 +1,7 @@
 """Perfusion: flips keep quadrant labels right, the loss masks unscored quadrants, the metrics
-agree with scikit-learn, the ConvLSTM learns the flow on held-out synthetic videos, the
-CNN-RNN's two stages hand over exactly, the classical baselines beat chance, and predict reads an AVI."""
+agree with scikit-learn, the ConvLSTM and the CNN-RNN (frozen random backbone) learn the flow
+on held-out synthetic videos, the CNN-RNN's two stages hand over exactly, the classical
+baselines beat chance, and predict reads an AVI."""
 
 from __future__ import annotations
 
@@ -37,6 +38,21 @@ CONVLSTM = dict(
     train__warmup_steps=20,
     train__learning_rate=5e-3,
     train__log_every=50,
+)
+
+# The CNN-RNN's backbone (random: the frozen stage estimates its BatchNorm statistics) and head.
+CNN_RNN = dict(
+    model__width=16,
+    model__hidden=32,
+    model__projection_dim=32,
+    model__quadrant_mode="crops",
+)
+CNN_RNN_HEAD = dict(
+    train__steps=300,
+    train__eval_every=300,
+    train__checkpoint_every=300,
+    train__warmup_steps=20,
+    train__log_every=100,
 )
 
 
@@ -173,39 +189,54 @@ def _mean_mfi_baseline(config) -> float:
     return float(np.mean(np.abs(np.asarray(data.split_index("test")["mfi"]) - train_mean)))
 
 
-def test_cnn_rnn_stages_calibrate_cache_and_hand_over(data_dir, tmp_path):
-    """The frozen stage estimates a random backbone's BatchNorm statistics on training frames
-    and caches its features; the fine-tune stage starts from exactly that backbone and the
-    frozen stage's trained head, so its first evaluation repeats the frozen stage's."""
-    small = dict(
-        model__width=4,
-        model__hidden=8,
-        model__projection_dim=8,
-        model__quadrant_mode="sequence",
-        train__warmup_steps=1,
-        train__log_every=2,
-        train__eval_every=4,
-        train__checkpoint_every=4,
+@pytest.fixture(scope="module")
+def cnn_rnn_run(data_dir, tmp_path_factory):
+    """The CNN-RNN's frozen stage on a random backbone (BatchNorm statistics estimated on
+    training frames), evaluated on the test split; DIR/frozen of an experiment directory."""
+    config = perfusion_config("model=cnn_rnn,stage=frozen", data_dir, **CNN_RNN, **CNN_RNN_HEAD)
+    experiment = tmp_path_factory.mktemp("perfusion_cnn_rnn")
+    train.train_and_evaluate(config, str(experiment / "frozen"))
+    result = evaluate.evaluate_checkpoint(
+        config, str(experiment / "frozen"), checkpoint="latest", split="test"
     )
-    frozen = perfusion_config("model=cnn_rnn,stage=frozen", data_dir, train__steps=4, **small)
-    train.train_and_evaluate(frozen, str(tmp_path / "frozen"))
-    task = perfusion.PerfusionFeatureTask(frozen)
-    task.load_artifacts(str(tmp_path / "frozen"))
+    return config, experiment, result
+
+
+def test_cnn_rnn_frozen_stage_learns_the_flow_on_held_out_videos(cnn_rnn_run):
+    config, experiment, result = cnn_rnn_run
+    task = perfusion.PerfusionFeatureTask(config)
+    task.load_artifacts(str(experiment / "frozen"))
     stats = jax.tree.leaves(task._backbone["batch_stats"])
     assert any(np.abs(np.asarray(leaf)).max() > 1e-3 for leaf in stats[::2])  # Not the init.
-    features = np.load(tmp_path / "frozen" / "features_train.npy")
+    features = np.load(experiment / "frozen" / "features_train.npy")
+    assert features.shape[2] == 4  # One view per quadrant crop.
     assert np.isfinite(features).all() and 0.05 < features.std() < 20
-    # A zero learning rate keeps the fine-tune stage at its starting point, so its validation
-    # (at the last step) repeats the frozen stage's.
+    # Baselines: the majority class; a constant quadrant score (kappa 0); the train mean MFI.
+    # (Measured over backbone seeds 0-3: accuracy +0.11..+0.22 over the majority, quadrant
+    # kappa 0.59-0.65, MFI MAE 0.54-0.68 against 1.07 for the mean.)
+    assert result["num_videos"] >= 8
+    assert result["accuracy"] >= result["majority_accuracy"] + 0.1, result
+    assert result["quadrant_kappa"] > 0.45, result
+    assert result["mfi_mae"] < 0.75 * _mean_mfi_baseline(config), result
+
+
+def test_cnn_rnn_fine_tuning_starts_from_the_frozen_stage(cnn_rnn_run, data_dir):
+    """The fine-tune stage starts from exactly the frozen stage's backbone and trained head:
+    with a zero learning rate its validation repeats the frozen stage's."""
+    _, experiment, _ = cnn_rnn_run
     finetune = perfusion_config(
         "model=cnn_rnn,stage=finetune",
         data_dir,
-        train__steps=4,
+        **CNN_RNN,
+        train__steps=1,
+        train__batch_size=2,
+        train__eval_every=1,
+        train__checkpoint_every=1,
+        train__warmup_steps=1,
         train__learning_rate=0.0,
-        **small,
     )
-    train.train_and_evaluate(finetune, str(tmp_path / "finetune"))
-    before, after = (_last_validation(tmp_path / stage) for stage in ("frozen", "finetune"))
+    train.train_and_evaluate(finetune, str(experiment / "finetune"))
+    before, after = (_last_validation(experiment / stage) for stage in ("frozen", "finetune"))
     for key in ("val_loss", "val_mfi_mae", "val_quadrant_mae"):
         assert after[key] == pytest.approx(before[key], rel=1e-4, abs=1e-5), key
 

@@ -36,15 +36,16 @@ model the first kernel is summed over R, G, B, which is the RGB network on a gre
 `CnnRnnClassifier` is the CNN-RNN of the perfusion task: `InceptionV3` features of every frame
 (``backbone``), then `SequenceHead` (``head``): an optional projection, an LSTM over time and
 the video and per-quadrant heads of `medjax.models.convlstm.PerfusionHeads`. With
-``quadrant_mode="crops"`` the backbone also reads each quadrant crop of every frame and one
-LSTM (shared weights) runs over each quadrant's sequence, as a clinician scores each quadrant
-on its own; the crops together have the area of the frame, so this costs about twice the
-full-frame backbone. With ``"sequence"`` only the full frame is read and the quadrant scores
-come from the video's sequence feature through a quadrant-specific embedding.
+``quadrant_mode="crops"`` the backbone reads each quadrant crop of every frame and one LSTM
+(shared weights) runs over each quadrant's sequence, as a clinician scores each quadrant on its
+own; the video's state is the quadrants' states together. The crops have the area of the frame
+and go through the backbone as one batch, so its BatchNorm statistics (estimated or trained)
+describe one population of inputs. With ``"sequence"`` only the full frame is read and the
+quadrant scores come from the video's sequence feature through a quadrant-specific embedding.
 
 Frozen stage and feature cache: ``model.apply(variables, frames, method="frame_features")``
-gives the per-frame features (B, T, V, F) (V = 1, or 1 + num_quadrants with crops, view 0 the
-full frame). `SequenceHead` built by `CnnRnnClassifier.sequence_head` trains on cached
+gives the per-frame features (B, T, V, F) (V = num_quadrants with crops, q1 .. q4; 1, the
+full frame, with "sequence"). `SequenceHead` built by `CnnRnnClassifier.sequence_head` trains on cached
 features; its ``params`` are exactly ``params["head"]`` of the full model, so
 ``{"backbone": backbone params, "head": trained head params}`` fine-tunes end to end. The
 backbone's BatchNorm uses its running statistics in training too by default
@@ -471,8 +472,8 @@ class SequenceHead(nn.Module):
       num_quadrants: quadrants scored (4: q1 top-left .. q4 bottom-right).
       num_classes: classes of the video and of each quadrant.
       quadrant_head: ``"ordinal"`` or ``"softmax"`` (see `PerfusionHeads`).
-      quadrant_mode: ``"crops"`` (features (B, T, 1 + num_quadrants, F): one LSTM with
-        shared weights over the frame and each quadrant) or ``"sequence"`` (features
+      quadrant_mode: ``"crops"`` (features (B, T, num_quadrants, F): one LSTM with shared
+        weights over each quadrant's crops; the video reads the quadrants' final states) or ``"sequence"`` (features
         (B, T, 1, F): quadrant features from the frame sequence's final state).
       dropout_rate: dropout on the LSTM's final states before the heads.
     """
@@ -486,18 +487,18 @@ class SequenceHead(nn.Module):
     dropout_rate: float = 0.0
 
     def num_views(self) -> int:
-        """Views per frame the features must have: 1 + num_quadrants with crops, else 1."""
+        """Views per frame the features must have: num_quadrants with crops, else 1."""
         if self.quadrant_mode not in QUADRANT_MODES:
             raise ValueError(f"quadrant_mode={self.quadrant_mode!r} is not one of {QUADRANT_MODES}")
-        return 1 + self.num_quadrants if self.quadrant_mode == "crops" else 1
+        return self.num_quadrants if self.quadrant_mode == "crops" else 1
 
     @nn.compact
     def __call__(self, features: jnp.ndarray, *, train: bool) -> dict[str, jnp.ndarray]:
         """Classifies clips from their per-frame features.
 
         Args:
-          features: (B, T, V, F) per-frame features, V = `num_views` (view 0 the full frame,
-            then q1 .. q4), as `CnnRnnClassifier.frame_features` returns.
+          features: (B, T, V, F) per-frame features, V = `num_views` (q1 .. q4 with crops,
+            the full frame with "sequence"), as `CnnRnnClassifier.frame_features` returns.
           train: True in training mode (dropout, with a ``"dropout"`` rng when
             ``dropout_rate`` > 0).
 
@@ -522,8 +523,8 @@ class SequenceHead(nn.Module):
         final = nn.Dropout(self.dropout_rate, deterministic=not train)(outputs[:, :, -1])
         batch = final.shape[0]
         if self.quadrant_mode == "crops":
-            quadrants = final[:, 1:]
-            video = jnp.concatenate([final[:, 0], quadrants.reshape(batch, -1)], axis=-1)
+            quadrants = final
+            video = quadrants.reshape(batch, -1)
         else:
             video = final[:, 0]
             quadrants = nn.relu(
@@ -596,7 +597,7 @@ class CnnRnnClassifier(nn.Module):
         self.head = SequenceHead(**self._head_attributes())
 
     def frame_features(self, frames: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
-        """Backbone features of every frame (and of every quadrant crop with ``"crops"``).
+        """Backbone features of every frame, or of its quadrant crops with ``"crops"``.
 
         Args:
           frames: (B, T, H, W, C) clips, scaled to [-1, 1] for pretrained weights; with
@@ -605,8 +606,8 @@ class CnnRnnClassifier(nn.Module):
             ``freeze_backbone_bn``).
 
         Returns:
-          float32 features (B, T, V, F): V = 1 + num_quadrants with ``"crops"`` (the full
-          frame, then q1 .. q4), 1 with ``"sequence"``.
+          float32 features (B, T, V, F): V = num_quadrants with ``"crops"`` (q1 .. q4, row by
+          row), 1 (the full frame) with ``"sequence"``.
 
         Raises:
           ValueError: a non-5-D input, or frames whose sides do not divide into quadrants.
@@ -614,34 +615,26 @@ class CnnRnnClassifier(nn.Module):
         if frames.ndim != 5:
             raise ValueError(f"CnnRnnClassifier expects clips (B, T, H, W, C), got {frames.shape}")
         batch, time, height, width, channels = frames.shape
-        views = self.head.num_views()
         bn_train = train and not self.freeze_backbone_bn
         flat = frames.reshape(batch * time, height, width, channels)
-        per_view = [self.backbone.features(flat, train=bn_train)]
-        if views > 1:
-            side = quadrant_grid(self.num_quadrants)
-            if height % side or width % side:
-                raise ValueError(
-                    f"quadrant_mode='crops' needs frame sides that divide by {side}, got "
-                    f"{height}x{width}; resize the frames or use quadrant_mode='sequence'."
-                )
-            crops = jnp.stack(
-                [
-                    flat[:, r0:r1, c0:c1]
-                    for r0, r1 in quadrant_bounds(height, side)
-                    for c0, c1 in quadrant_bounds(width, side)
-                ],
-                axis=1,
+        if self.head.num_views() == 1:
+            return self.backbone.features(flat, train=bn_train).reshape(batch, time, 1, -1)
+        side = quadrant_grid(self.num_quadrants)
+        if height % side or width % side:
+            raise ValueError(
+                f"quadrant_mode='crops' needs frame sides that divide by {side}, got "
+                f"{height}x{width}; resize the frames or use quadrant_mode='sequence'."
             )
-            crop_features = self.backbone.features(
-                crops.reshape(-1, *crops.shape[2:]), train=bn_train
-            )
-            per_view.append(crop_features.reshape(batch * time, views - 1, -1))
-            per_view[0] = per_view[0][:, None]
-            stacked = jnp.concatenate(per_view, axis=1)
-        else:
-            stacked = per_view[0][:, None]
-        return stacked.reshape(batch, time, views, -1)
+        crops = jnp.stack(
+            [
+                flat[:, r0:r1, c0:c1]
+                for r0, r1 in quadrant_bounds(height, side)
+                for c0, c1 in quadrant_bounds(width, side)
+            ],
+            axis=1,
+        )
+        features = self.backbone.features(crops.reshape(-1, *crops.shape[2:]), train=bn_train)
+        return features.reshape(batch, time, self.num_quadrants, -1)
 
     def __call__(self, frames: jnp.ndarray, *, train: bool) -> dict[str, jnp.ndarray]:
         """Classifies clips.

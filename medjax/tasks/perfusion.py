@@ -6,18 +6,20 @@ scores (0 no flow .. 3 continuous, -1 not scored), the video MFI (mean of the sc
 quadrants) and the flow class (their most frequent score). Splits are the builder's, by patient.
 
 Input: gray frames, and with `data.motion_channel` (the default for both neural models) a
-second channel of absolute frame differences, since flow is motion (`scale_frames`).
+second channel of absolute frame differences times `data.motion_gain`, since flow is motion
+(`scale_frames`).
 
 Models (`config.model.name`):
 - `convlstm` (`PerfusionTask`): `ConvLSTMClassifier` on frames / 255. Training augmentation:
   a random window of `data.clip_frames` frames when the stored clip is longer, random
   horizontal / vertical flips with the quadrant labels permuted to match (a horizontal flip
   swaps q1<->q2 and q3<->q4, a vertical one q1<->q3 and q2<->q4).
-- `cnn_rnn`: InceptionV3 features of every frame (and quadrant crop), then an LSTM, in two
-  stages sharing an experiment directory DIR. `frozen` (`PerfusionFeatureTask`, DIR/frozen/):
-  the backbone (random, or ImageNet weights from the local file `model.init_from`) is applied
-  once to every video of every split (jit, `train.feature_batch_size` frames per call); the
-  features are cached in the run directory as `features_<split>.npy` with the backbone's
+- `cnn_rnn`: InceptionV3 features of every quadrant crop of every frame (`"crops"`, or of the
+  whole frame with `"sequence"`), then an LSTM, in two stages sharing an experiment directory
+  DIR. `frozen` (`PerfusionFeatureTask`, DIR/frozen/): the backbone (ImageNet weights from the
+  local file `model.init_from`, or random with its BatchNorm statistics estimated on training
+  frames) is applied once to every video of every split (jit, `train.feature_batch_size`
+  frames per call); the features are cached in the run directory as `features_<split>.npy` with the backbone's
   variables in `backbone.msgpack`, and only the `SequenceHead` trains on them. `finetune`
   (`PerfusionTask`, DIR/finetune/): the whole `CnnRnnClassifier`, its backbone from
   DIR/frozen/backbone.msgpack and its head from the frozen stage's best checkpoint, on frames
@@ -78,7 +80,7 @@ FLOW_CLASSES = ("no flow", "intermittent", "sluggish", "continuous")
 HORIZONTAL_FLIP_ORDER = (1, 0, 3, 2)
 VERTICAL_FLIP_ORDER = (2, 3, 0, 1)
 INDEX_VERSION = 1
-FEATURES_VERSION = 1
+FEATURES_VERSION = 2  # 2: crops mode caches the quadrant crops only.
 BACKBONE_FILE = "backbone.msgpack"
 FEATURES_KEY_FILE = "features.json"
 CONFIG_FILE = "configs/perfusion.py"
@@ -87,7 +89,6 @@ BUILD_OPTIONS = ("frame_size", "num_frames", "frame_stride", "skip_missing_video
 # Batches of training frames that estimate a random backbone's BatchNorm statistics (its
 # momentum is 0.9: 0.9**50 of the initial values remain).
 BN_CALIBRATION_BATCHES = 50
-MOTION_GAIN = 4.0  # Frame differences are small; this brings them near the frames' range.
 
 
 # ============================================================================ data
@@ -494,9 +495,7 @@ class PerfusionTask(_PerfusionEvaluation, PerfusionData, Task):
         }
 
     def model_inputs(self, batch):
-        return scale_frames(
-            batch["video"], self.config.model.name, self.config.data.get("motion_channel", False)
-        )
+        return model_frames(self.config, batch["video"])
 
     def _outputs(self, variables, batch, *, train, rng=None):
         return apply_model(self.model, variables, self.model_inputs(batch), train=train, rng=rng)
@@ -578,21 +577,40 @@ class PerfusionTask(_PerfusionEvaluation, PerfusionData, Task):
         )
 
 
-def scale_frames(video, model_name: str, motion_channel: bool = False) -> jnp.ndarray:
+def scale_frames(video, model_name: str, motion_gain: float = 0.0) -> jnp.ndarray:
     """uint8 clips (B, T, S, S, 1) -> model input: [0, 1] for the ConvLSTM, [-1, 1] (what
-    ImageNet InceptionV3 weights expect) for the CNN-RNN. With `motion_channel`, a second
-    channel holds MOTION_GAIN x |frame t - frame t-1| (0 for the first frame); ImageNet
-    weights give it the first conv's grey kernel too (see medjax.models.pretrained)."""
+    ImageNet InceptionV3 weights expect) for the CNN-RNN. With `motion_gain` > 0, a second
+    channel holds motion_gain x |frame t - frame t-1| in [0, 1] units (0 for the first frame);
+    ImageNet weights give it the first conv's grey kernel too (see medjax.models.pretrained)."""
     x = jnp.asarray(video, jnp.float32) / 255.0
-    motion = MOTION_GAIN * jnp.abs(jnp.diff(x, axis=1, prepend=x[:, :1]))
+    motion = motion_gain * jnp.abs(jnp.diff(x, axis=1, prepend=x[:, :1]))
     if model_name != "convlstm":
         x = x * 2.0 - 1.0  # Motion stays >= 0: a still frame adds nothing to the first conv.
-    if not motion_channel:
+    if motion_gain <= 0:
         return x
     return jnp.concatenate([x, motion], axis=-1)
 
 
 # ---------------------------------------------------------------------------- CNN-RNN frozen
+def motion_gain(config) -> float:
+    """The motion channel's gain, or 0 without one (`data.motion_channel`, `data.motion_gain`)."""
+    data = config.data
+    if not data.get("motion_channel", False):
+        return 0.0
+    gain = float(data.motion_gain)
+    if not gain > 0 or not math.isfinite(gain):
+        raise ValueError(
+            f"config.data.motion_gain={data.motion_gain!r} must be a positive number (the scale "
+            "of |frame t - frame t-1|), or set config.data.motion_channel=False."
+        )
+    return gain
+
+
+def model_frames(config, video) -> jnp.ndarray:
+    """uint8 clips -> the input of `config.model` (see `scale_frames`)."""
+    return scale_frames(video, config.model.name, motion_gain(config))
+
+
 def init_backbone(config) -> dict:
     """Variables of the full `CnnRnnClassifier` (seed `config.seed`), with ImageNet weights
     from the local file `config.model.init_from` when set."""
@@ -691,7 +709,6 @@ class PerfusionFeatureTask(_PerfusionEvaluation, PerfusionData, Task):
         """
         source = self.source("train")
         model = self.full_model.clone(freeze_backbone_bn=False)
-        motion = self.config.data.get("motion_channel", False)
         videos_per_batch = max(
             1, self.config.train.feature_batch_size // self.config.data.num_frames
         )
@@ -711,7 +728,7 @@ class PerfusionFeatureTask(_PerfusionEvaluation, PerfusionData, Task):
         for _ in range(BN_CALIBRATION_BATCHES):
             picks = rng.choice(len(source), size=min(videos_per_batch, len(source)), replace=False)
             videos = np.stack([source[int(i)]["video"] for i in picks])
-            variables = update(variables, scale_frames(videos, "cnn_rnn", motion))
+            variables = update(variables, model_frames(self.config, videos))
         logging.info(
             "Estimated the random backbone's BatchNorm statistics on %d batches of training "
             "frames.",
@@ -756,7 +773,7 @@ class PerfusionFeatureTask(_PerfusionEvaluation, PerfusionData, Task):
             )
             out = apply(
                 self._backbone,
-                scale_frames(padded, "cnn_rnn", self.config.data.get("motion_channel", False)),
+                model_frames(self.config, padded),
             )
             chunks.append(np.asarray(out)[: len(videos)])
         features = np.concatenate(chunks).astype(np.float32)
@@ -904,10 +921,10 @@ class PerfusionPredictor:
             model = self.task.model
         self.variables = variables
         self.run_dir = workdir
-        name, motion = self.config.model.name, self.config.data.get("motion_channel", False)
+        config = self.config
         self._predict = jax.jit(
             lambda v, video: predictions(
-                model.apply(v, scale_frames(video, name, motion), train=False),
+                model.apply(v, model_frames(config, video), train=False),
                 flow_class_rule(self.config),
             )
         )
