@@ -11,7 +11,6 @@ live here, once; messages and summaries keep each dataset's own words.
 import csv
 import dataclasses
 import hashlib
-import io
 import logging
 import math
 import os
@@ -24,6 +23,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from medjax.preprocess.text import csv_text
 from medjax.preprocess.video import VideoReadError, read_video_gray
 
 SPLITS = ("train", "validation", "test")
@@ -157,7 +157,7 @@ def read_csv_dicts(
         not UTF-8 text, or a row cannot be parsed as CSV (e.g. a cell over the csv module's
         field size limit); the message names the file and line.
     """
-    reader = csv.DictReader(_csv_text(path, error), skipinitialspace=True)
+    reader = csv.DictReader(csv_text(path, error), skipinitialspace=True)
     try:
         columns = [(c or "").strip() for c in reader.fieldnames or []]
         missing = [c for c in required if c not in columns]
@@ -193,7 +193,7 @@ def read_csv_rows(path: str, error: type[Exception]) -> Iterator[tuple[list[str]
     Raises:
       error: the file is not UTF-8 text, or a row cannot be parsed as CSV.
     """
-    reader = csv.reader(_csv_text(path, error))
+    reader = csv.reader(csv_text(path, error))
     try:
         for row in reader:
             cells = [c.strip() for c in row]
@@ -201,21 +201,6 @@ def read_csv_rows(path: str, error: type[Exception]) -> Iterator[tuple[list[str]
                 yield cells, reader.line_num
     except csv.Error as e:
         raise error(_csv_error_message(path, reader.line_num, e)) from None
-
-
-def _csv_text(path: str, error: type[Exception]) -> io.StringIO:
-    """A CSV file's text decoded as UTF-8 (a byte order mark is dropped), ready for `csv`."""
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise error(
-            f"{path}, line {line}: byte 0x{data[e.start]:02x} is not UTF-8 text; save the file "
-            "as UTF-8 (a spreadsheet's 'CSV UTF-8' format)."
-        ) from None
-    return io.StringIO(text, newline="")
 
 
 def _csv_error_message(path: str, line: int, problem: csv.Error) -> str:

@@ -47,7 +47,6 @@ import argparse
 import csv
 import dataclasses
 import hashlib
-import io
 import os
 import sys
 import tempfile
@@ -56,10 +55,19 @@ import cv2
 import numpy as np
 
 from medjax.preprocess.dicom import DicomReadError, pixel_header
+from medjax.preprocess.text import csv_text
 from medjax.preprocess.video import write_video_gray
 
 FILE_LIST_COLUMNS = (
-    "FileName", "EF", "ESV", "EDV", "FrameHeight", "FrameWidth", "FPS", "NumberOfFrames", "Split"
+    "FileName",
+    "EF",
+    "ESV",
+    "EDV",
+    "FrameHeight",
+    "FrameWidth",
+    "FPS",
+    "NumberOfFrames",
+    "Split",
 )
 # Columns filled in by people, not by conversion; a re-run keeps their existing values.
 LABEL_COLUMNS = ("EF", "ESV", "EDV")
@@ -250,10 +258,15 @@ def _ultrasound_regions(ds) -> list[tuple[int, int, int, int]]:
         if spatial_format is not None and int(spatial_format) != REGION_SPATIAL_FORMAT_2D:
             continue
         try:
-            box = tuple(int(getattr(region, k)) for k in (
-                "RegionLocationMinX0", "RegionLocationMinY0",
-                "RegionLocationMaxX1", "RegionLocationMaxY1",
-            ))
+            box = tuple(
+                int(getattr(region, k))
+                for k in (
+                    "RegionLocationMinX0",
+                    "RegionLocationMinY0",
+                    "RegionLocationMaxX1",
+                    "RegionLocationMaxY1",
+                )
+            )
         except (AttributeError, TypeError, ValueError):
             continue
         if box[2] > box[0] and box[3] > box[1]:
@@ -292,10 +305,10 @@ def sector_mask(
     moving = (variance > threshold * threshold).astype(np.uint8)
 
     if regions:
-        counts = [moving[y0:y1 + 1, x0:x1 + 1].sum() for x0, y0, x1, y1 in regions]
+        counts = [moving[y0 : y1 + 1, x0 : x1 + 1].sum() for x0, y0, x1, y1 in regions]
         x0, y0, x1, y1 = regions[int(np.argmax(counts))]
         in_region = np.zeros_like(moving)
-        in_region[max(y0, 0):y1 + 1, max(x0, 0):x1 + 1] = 1
+        in_region[max(y0, 0) : y1 + 1, max(x0, 0) : x1 + 1] = 1
         moving &= in_region
 
     # An opening removes lines thinner than ~1% of the frame (ECG traces, moving cursors).
@@ -416,17 +429,8 @@ def merge_file_list(csv_path: str, rows: list[dict[str, str]]) -> int:
     columns = list(FILE_LIST_COLUMNS)
     existing: dict[str, dict[str, str]] = {}
     if os.path.exists(csv_path):
-        with open(csv_path, "rb") as f:
-            raw = f.read()
-        try:
-            text = raw.decode("utf-8-sig")
-        except UnicodeDecodeError as e:
-            line = raw[: e.start].count(b"\n") + 1
-            raise ValueError(
-                f"{csv_path}, line {line}: the existing FileList is not UTF-8 text; save it as "
-                "UTF-8, or move it away to start a new one."
-            ) from None
-        reader = csv.DictReader(io.StringIO(text, newline=""))
+        text = csv_text(csv_path, advice="save it as UTF-8, or move it away to start a new one")
+        reader = csv.DictReader(text)
         try:
             header = list(reader.fieldnames or [])
             missing = [c for c in FILE_LIST_COLUMNS if c not in header]
@@ -475,7 +479,8 @@ def _candidate_files(input_dir: str, output_dir: str) -> list[str]:
     for root, dirs, files in os.walk(input_dir):
         dirs[:] = sorted(d for d in dirs if real(os.path.join(root, d)) not in skip_dirs)
         paths.extend(
-            os.path.join(root, name) for name in sorted(files)
+            os.path.join(root, name)
+            for name in sorted(files)
             if real(os.path.join(root, name)) != skip_file
         )
     return paths
@@ -532,7 +537,7 @@ def convert_directory(
 def _reason(error: Exception, path: str) -> str:
     message = str(error)
     prefix = f"{path}: "
-    return message[len(prefix):] if message.startswith(prefix) else message
+    return message[len(prefix) :] if message.startswith(prefix) else message
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -545,7 +550,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="TEST", help="Split column value (default TEST)")
     parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help="output side in pixels")
     parser.add_argument(
-        "--fps", type=float, default=None,
+        "--fps",
+        type=float,
+        default=None,
         help="frame rate for files without CineRate/FrameTime tags (default: such files fail)",
     )
     args = parser.parse_args(argv)
@@ -559,8 +566,10 @@ def main(argv: list[str] | None = None) -> int:
     def shown(path: str) -> str:
         return os.path.relpath(path, args.input)
 
-    print(f"Converted {len(summary.converted)} echo video(s) into "
-          f"{os.path.join(args.output, VIDEOS_DIR)}:")
+    print(
+        f"Converted {len(summary.converted)} echo video(s) into "
+        f"{os.path.join(args.output, VIDEOS_DIR)}:"
+    )
     for path, name in summary.converted:
         print(f"  {shown(path)} -> {name}.avi")
     print(f"Skipped {len(summary.skipped)} file(s):")
