@@ -91,24 +91,19 @@ def get_config(arg=None):
     config.keypoints.heatmap_sigma = 1.5  # Target Gaussian width, in heatmap pixels.
     config.keypoints.heatmap_loss_weight = 1.0  # Heatmap cross-entropy next to the L1 loss.
 
-    config.train = ml_collections.ConfigDict()
-    config.train.steps = {"segment": 300, "quality": 400, "keypoints": 600}[stage]
-    config.train.batch_size = 16  # Global batch, split over all devices.
-    config.train.learning_rate = {"segment": 3e-3, "quality": 1e-3, "keypoints": 2e-3}[stage]
-    config.train.warmup_steps = 50
-    config.train.weight_decay = 1e-4
-    config.train.grad_clip = 1.0
-    config.train.log_every = 25
-    config.train.eval_every = 100
-    config.train.checkpoint_every = 100
-    config.train.keep_checkpoints = 2
-    config.train.best_metric, config.train.best_mode = {
+    best_metric, best_mode = {
         "segment": ("val_dice", "max"),
         "quality": ("val_auc", "max"),
         "keypoints": ("val_point_error_mm", "min"),
     }[stage]
-    config.train.halt_at_step = -1  # >0: stop there as if preempted (resume tests, time slices).
-    config.train.nonfinite = "stop"  # NaN/Inf loss, gradients or state: "stop", or "skip" the step.
+    config.train = config_lib.train_config(
+        steps={"segment": 300, "quality": 400, "keypoints": 600}[stage],
+        batch_size=16,
+        learning_rate={"segment": 3e-3, "quality": 1e-3, "keypoints": 2e-3}[stage],
+        eval_every=100,
+        best_metric=best_metric,
+        best_mode=best_mode,
+    )
 
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 32

@@ -82,23 +82,17 @@ def get_config(arg=None):
     config.optimizer.lr_step_every = 0  # SGD: multiply the lr by lr_step_gamma every N steps.
     config.optimizer.lr_step_gamma = 0.1
 
-    config.train = ml_collections.ConfigDict()
-    config.train.steps = {"ef": 600, "segment": 400}[stage]
-    config.train.batch_size = 16
-    config.train.learning_rate = {"ef": 2e-3, "segment": 3e-3}[stage]
-    config.train.warmup_steps = 30
-    config.train.weight_decay = 1e-4
-    config.train.grad_clip = 1.0
-    config.train.log_every = 25
-    config.train.eval_every = 200
-    config.train.checkpoint_every = 200
-    config.train.keep_checkpoints = 2
-    config.train.best_metric, config.train.best_mode = {
-        "ef": ("val_mae", "min"),
-        "segment": ("val_dice_overall", "max"),
-    }[stage]
-    config.train.halt_at_step = -1
-    config.train.nonfinite = "stop"  # NaN/Inf loss, gradients or state: "stop", or "skip" the step.
+    best_metric, best_mode = {"ef": ("val_mae", "min"), "segment": ("val_dice_overall", "max")}[
+        stage
+    ]
+    config.train = config_lib.train_config(
+        steps={"ef": 600, "segment": 400}[stage],
+        batch_size=16,
+        learning_rate={"ef": 2e-3, "segment": 3e-3}[stage],
+        warmup_steps=30,
+        best_metric=best_metric,
+        best_mode=best_mode,
+    )
 
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 16

@@ -187,18 +187,13 @@ def get_config(arg=None):
 
 
 def _train(*, steps: int, batch_size: int, learning_rate: float) -> ml_collections.ConfigDict:
-    train = ml_collections.ConfigDict()
-    train.steps = steps
-    train.batch_size = batch_size
-    train.learning_rate = learning_rate
-    train.warmup_steps = 30
-    train.weight_decay = 1e-4
-    train.grad_clip = 1.0
-    train.log_every = 50
-    train.eval_every = 300
-    train.checkpoint_every = 300
-    train.keep_checkpoints = 2
-    train.best_metric, train.best_mode = "val_loss", "min"
-    train.halt_at_step = -1
-    train.nonfinite = "stop"  # NaN/Inf loss, gradients or state: "stop", or "skip" the step.
-    return train
+    return config_lib.train_config(
+        steps=steps,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        warmup_steps=30,
+        log_every=50,
+        eval_every=300,
+        best_metric="val_loss",
+        best_mode="min",
+    )

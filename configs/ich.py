@@ -94,21 +94,13 @@ def get_config(arg=None):
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.name = "adamw"
 
-    config.train = ml_collections.ConfigDict()
-    config.train.steps = 800
-    config.train.batch_size = 16
-    config.train.learning_rate = 3e-3
-    config.train.warmup_steps = 50
-    config.train.weight_decay = 1e-4
-    config.train.grad_clip = 1.0
-    config.train.log_every = 25
-    config.train.eval_every = 200
-    config.train.checkpoint_every = 200
-    config.train.keep_checkpoints = 2
-    config.train.best_metric = "val_dice_pooled"
-    config.train.best_mode = "max"
-    config.train.halt_at_step = -1
-    config.train.nonfinite = "stop"  # NaN/Inf loss, gradients or state: "stop", or "skip" the step.
+    config.train = config_lib.train_config(
+        steps=800,
+        batch_size=16,
+        learning_rate=3e-3,
+        best_metric="val_dice_pooled",
+        best_mode="max",
+    )
 
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 32

@@ -121,21 +121,14 @@ def get_config(arg=None):
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.name = "adamw"
 
-    config.train = ml_collections.ConfigDict()
-    config.train.steps = {"convlstm": 1000, "cnn_rnn": 1000, "classical": 0}[variants.model]
-    config.train.batch_size = 8
-    config.train.learning_rate = 2e-3
-    config.train.warmup_steps = 50
-    config.train.weight_decay = 1e-4
-    config.train.grad_clip = 1.0
-    config.train.log_every = 25
-    config.train.eval_every = 250
-    config.train.checkpoint_every = 250
-    config.train.keep_checkpoints = 2
-    config.train.best_metric = "val_kappa"
-    config.train.best_mode = "max"
-    config.train.halt_at_step = -1
-    config.train.nonfinite = "stop"  # NaN/Inf loss, gradients or state: "stop", or "skip" the step.
+    config.train = config_lib.train_config(
+        steps={"convlstm": 1000, "cnn_rnn": 1000, "classical": 0}[variants.model],
+        batch_size=8,
+        learning_rate=2e-3,
+        eval_every=250,
+        best_metric="val_kappa",
+        best_mode="max",
+    )
     # cnn_rnn: frames per jit call when filling the frozen stage's feature cache.
     config.train.feature_batch_size = 16
     if variants.model == "cnn_rnn" and variants.stage == "finetune":

@@ -60,3 +60,53 @@ def check_choice(name: str, value: Any, choices: tuple) -> None:
     """Raises ValueError unless `value` is one of `choices`, naming the config key."""
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}.")
+
+
+def train_config(
+    *,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    best_metric: str,
+    best_mode: str,
+    warmup_steps: int = 50,
+    weight_decay: float = 1e-4,
+    grad_clip: float = 1.0,
+    log_every: int = 25,
+    eval_every: int = 200,
+    checkpoint_every: int | None = None,
+    keep_checkpoints: int = 2,
+) -> ml_collections.ConfigDict:
+    """The `config.train` block every task config has (read by `medjax.train`).
+
+    Args:
+      steps: optimizer steps.
+      batch_size: global batch, split over all devices.
+      learning_rate: peak learning rate (after `warmup_steps` of linear warm-up).
+      best_metric: logged metric that picks the "best" checkpoint, e.g. ``"val_dice"``.
+      best_mode: ``"max"`` or ``"min"`` of `best_metric`.
+      warmup_steps, weight_decay, grad_clip (0: none), log_every, eval_every: as named.
+      checkpoint_every: steps between checkpoints; None: `eval_every`.
+      keep_checkpoints: checkpoints kept besides the best.
+
+    Returns:
+      A ConfigDict with those keys, plus ``halt_at_step`` (-1; > 0 stops there as if
+      preempted) and ``nonfinite`` (``"stop"`` at a NaN/Inf loss, gradient or state, or
+      ``"skip"`` the step).
+    """
+    train = ml_collections.ConfigDict()
+    train.steps = steps
+    train.batch_size = batch_size
+    train.learning_rate = learning_rate
+    train.warmup_steps = warmup_steps
+    train.weight_decay = weight_decay
+    train.grad_clip = grad_clip
+    train.log_every = log_every
+    train.eval_every = eval_every
+    train.checkpoint_every = eval_every if checkpoint_every is None else checkpoint_every
+    train.keep_checkpoints = keep_checkpoints
+    train.best_metric = best_metric
+    train.best_mode = best_mode
+    train.halt_at_step = -1
+    train.nonfinite = "stop"
+    return train

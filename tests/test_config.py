@@ -75,3 +75,22 @@ def test_misspelt_override_on_the_command_line_names_the_key(tmp_path):
     assert proc.returncode != 0
     assert "stepz" in proc.stderr
     assert not os.path.exists(tmp_path / "checkpoints")
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
+def test_every_config_has_the_trainers_train_block(path):
+    expected = set(
+        config_lib.train_config(
+            steps=1, batch_size=1, learning_rate=1.0, best_metric="val_loss", best_mode="min"
+        )
+    )
+    train_block = load_config(path, arg=None).train
+    assert expected <= set(train_block), sorted(expected - set(train_block))
+    assert train_block.best_mode in ("max", "min")
+    assert train_block.nonfinite in ("stop", "skip")
+
+
+def test_checkpoints_follow_evaluations_unless_told():
+    kwargs = dict(steps=10, batch_size=2, learning_rate=0.1, best_metric="val_x", best_mode="max")
+    assert config_lib.train_config(**kwargs, eval_every=7).checkpoint_every == 7
+    assert config_lib.train_config(**kwargs, eval_every=7, checkpoint_every=3).checkpoint_every == 3
