@@ -32,6 +32,15 @@ Threads: both processes are pinned to the same --threads CPUs (sched_setaffinity
 also calls torch.set_num_threads(--threads); XLA's CPU client sizes its thread pool to the
 CPUs the process may run on (XLA_FLAGS has no thread-count flag in this jaxlib).
 
+Memory: XLA's CPU runtime allocates a step's temporary buffers afresh at every execution
+(hundreds of MiB for the U-Net, 3 GiB for the R(2+1)D-18 at batch 2), and glibc hands such
+blocks out as new mappings whose every 4 KiB page faults on first touch: about a fifth of the
+U-Net step and a third of the R(2+1)D step on a virtual machine. --glibc_tunables=
+glibc.malloc.hugetlb=1 (glibc >= 2.35, transparent huge pages in "madvise" or "always" mode)
+makes glibc ask for 2 MiB pages instead; it is set for both sides (PyTorch's step hardly
+changes). The variable must be set when a process starts; to train with it, export it
+before `python -m medjax.main`.
+
 Each round runs the peer and medjax once each, in alternating order, so drifts in the shared
 machine's load hit both alike; each run reports its median step time over --steps after
 --warmup (medjax excludes compilation). Reported: per side the median over rounds of the run
@@ -72,6 +81,11 @@ _SIZE = flags.DEFINE_integer("size", 128, "Image side.")
 _THREADS = flags.DEFINE_integer("threads", 2, "CPUs (and torch threads) for both sides.")
 _LOSS = flags.DEFINE_enum("loss", "bce", ["bce", "dice_bce"], "medjax's loss (see above).")
 _XLA_FLAGS = flags.DEFINE_string("xla_flags", "", "XLA_FLAGS for the medjax runs.")
+_GLIBC_TUNABLES = flags.DEFINE_string(
+    "glibc_tunables",
+    "",
+    "GLIBC_TUNABLES for both sides' runs, e.g. glibc.malloc.hugetlb=1 (see the docstring).",
+)
 _PEERS_DIR = flags.DEFINE_string(
     "peers_dir", os.path.join(REPO, "..", "shared", "bench"), "Folder of peer_unet.py."
 )
@@ -89,11 +103,13 @@ def pinned_cpus(threads: int) -> list[int]:
 
 
 def _run(command: list[str], cpus: list[int], env: dict | None = None) -> str:
-    """Runs `command` pinned to `cpus` from the repo root; returns its stdout."""
+    """Runs `command` pinned to `cpus` from the repo root (with --glibc_tunables, if set);
+    returns its stdout."""
+    tunables = {"GLIBC_TUNABLES": _GLIBC_TUNABLES.value} if _GLIBC_TUNABLES.value else {}
     proc = subprocess.run(
         command,
         cwd=REPO,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, **tunables, **(env or {})},
         capture_output=True,
         text=True,
         preexec_fn=lambda: os.sched_setaffinity(0, cpus),
@@ -316,6 +332,7 @@ def main(argv):
         "cpus": cpus,
         "threads": _THREADS.value,
         "xla_flags": _XLA_FLAGS.value,
+        "glibc_tunables": _GLIBC_TUNABLES.value,
         "rounds": _ROUNDS.value,
     }
     if "unet" in _MODELS.value:

@@ -182,3 +182,19 @@ def test_upsample2x_is_the_stride_2_transposed_convolution():
     np.testing.assert_allclose(
         Fast().apply(reference, x), Reference().apply(reference, x), rtol=1e-5, atol=1e-5
     )
+
+
+def test_max_pool_2x2_equals_flax_max_pool_with_its_gradient_on_ties():
+    import flax.linen as nn
+
+    from medjax.models.fastconv import max_pool_2x2
+
+    # Rounded values: many windows hold tied maxima, whose gradient goes to the first one.
+    x = jnp.round(1.5 * jax.random.normal(jax.random.key(0), (2, 9, 8, 3)))
+    dy = jax.random.normal(jax.random.key(1), (2, 4, 4, 3))
+    y_ref, vjp_ref = jax.vjp(lambda x: nn.max_pool(x, (2, 2), strides=(2, 2)), x)
+    y, vjp = jax.jit(lambda x: jax.vjp(max_pool_2x2, x))(x)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(vjp(dy)[0], vjp_ref(dy)[0])
+    with pytest.raises(ValueError, match=r"\(2, 8, 3\)"):
+        max_pool_2x2(jnp.ones((2, 8, 3)))

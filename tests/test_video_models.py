@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -85,3 +87,172 @@ def test_registry_builds_both_and_resnet_weights_go_to_the_deeplab_backbone():
     assert isinstance(models.build_model(cfg), EFRegressor)
     with pytest.raises(ValueError, match="does not fit model"):
         models.build_model(ml_collections.ConfigDict({"name": "r2plus1d_ef", "depht": 10}))
+
+
+# ---------------------------------------------------------------- fastconv reformulations
+_DN_3D = ("NDHWC", "DHWIO", "NDHWC")
+
+
+def _value_and_grads(conv, x, kernel):
+    """Output and (input, kernel) gradients of sum(sin(conv(x, kernel))), jitted."""
+
+    def loss(x, kernel):
+        return jnp.sum(jnp.sin(conv(x, kernel)))
+
+    return jax.jit(conv)(x, kernel), jax.jit(jax.grad(loss, argnums=(0, 1)))(x, kernel)
+
+
+@pytest.mark.parametrize("weight_grad", ["taps", "xla"])
+@pytest.mark.parametrize(
+    "kernel_size, strides",
+    [
+        ((1, 3, 3), (1, 2, 2)),  # the spatial half of a factorised conv
+        ((3, 1, 1), (2, 1, 1)),  # its temporal half
+        ((3, 1, 1), (2, 2, 2)),
+        ((1, 1, 1), (2, 2, 2)),  # the strided shortcut
+        ((1, 7, 7), (1, 2, 2)),  # the stem
+        ((3, 3, 3), (1, 1, 1)),  # not factorised: XLA's own
+    ],
+)
+def test_conv3d_equals_lax_conv_forward_and_gradients(kernel_size, strides, weight_grad):
+    from jax import lax
+
+    from medjax.models.fastconv import conv3d
+
+    x = jax.random.normal(jax.random.key(0), (2, 5, 9, 10, 3))
+    kernel = jax.random.normal(jax.random.key(1), (*kernel_size, 3, 4))
+    padding = tuple((k // 2, k // 2) for k in kernel_size)
+
+    def reference(x, kernel):
+        return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_DN_3D)
+
+    def fast(x, kernel):
+        return conv3d(x, kernel, strides, padding, weight_grad=weight_grad)
+
+    y_ref, grads_ref = _value_and_grads(reference, x, kernel)
+    y, grads = _value_and_grads(fast, x, kernel)
+    assert y.shape == y_ref.shape
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-4)
+    for g, g_ref in zip(grads, grads_ref):
+        np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "kernel_size, strides, padding",
+    [
+        ((2, 2), (2, 2), "VALID"),
+        ((3, 2), (2, 3), ((1, 0), (0, 2))),  # uneven strides and padding
+        ((3, 3), (3, 3), "VALID"),  # rows no tap reaches are cropped
+        ((5, 5), (1, 1), "SAME"),
+    ],
+)
+def test_conv2d_tap_kernel_gradient_equals_xlas(kernel_size, strides, padding):
+    from jax import lax
+
+    from medjax.models.fastconv import conv2d
+
+    x = jax.random.normal(jax.random.key(2), (2, 9, 8, 3))
+    kernel = jax.random.normal(jax.random.key(3), (*kernel_size, 3, 5))
+
+    def reference(x, kernel):
+        return lax.conv_general_dilated(
+            x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    y_ref, grads_ref = _value_and_grads(reference, x, kernel)
+    y, grads = _value_and_grads(
+        lambda x, k: conv2d(x, k, strides, padding, weight_grad="taps"), x, kernel
+    )
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    for g, g_ref in zip(grads, grads_ref):
+        np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_conv2d_rejects_bad_arguments_by_value():
+    from medjax.models.fastconv import conv2d
+
+    x, kernel = jnp.ones((1, 4, 4, 3)), jnp.ones((3, 3, 2, 5))
+    with pytest.raises(ValueError, match="3 channels.*expects 2"):
+        conv2d(x, kernel)
+    with pytest.raises(ValueError, match="weight_grad 'fast'"):
+        conv2d(x, jnp.ones((3, 3, 3, 5)), weight_grad="fast")
+    with pytest.raises(ValueError, match="padding"):
+        conv2d(x, jnp.ones((3, 3, 3, 5)), padding=((1, 1),))
+
+
+@pytest.mark.parametrize("kernel_size, strides", [((1, 3, 3), (1, 2, 2)), ((3, 3), (1, 1))])
+def test_fast_conv_module_is_flax_conv(kernel_size, strides):
+    import flax.linen as nn
+
+    from medjax.models.fastconv import Conv
+
+    shape = (2, 4, 8, 8, 3) if len(kernel_size) == 3 else (2, 8, 8, 3)
+    x = jax.random.normal(jax.random.key(4), shape)
+    padding = tuple((k // 2, k // 2) for k in kernel_size)
+    kwargs = dict(features=6, kernel_size=kernel_size, strides=strides, padding=padding)
+    reference = nn.Conv(**kwargs, name="conv")
+    fast = Conv(**kwargs, name="conv")
+    variables = reference.init(jax.random.key(5), x)
+    # Same names, shapes and initial values from the same key: checkpoints carry over.
+    fast_variables = fast.init(jax.random.key(5), x)
+    assert jax.tree.structure(variables) == jax.tree.structure(fast_variables)
+    for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(fast_variables)):
+        np.testing.assert_array_equal(a, b)
+    variables["params"]["bias"] = jnp.arange(6.0)
+    np.testing.assert_allclose(
+        fast.apply(variables, x), reference.apply(variables, x), rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_fast_batch_norm_is_flax_batch_norm(relu):
+    import flax.linen as nn
+
+    from medjax.models.fastconv import BatchNorm
+
+    x = 3.0 * jax.random.normal(jax.random.key(6), (4, 3, 5, 7)) + 1.0
+    weights = jax.random.normal(jax.random.key(7), x.shape)
+
+    def reference(train):
+        bn = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name="bn")
+        return (lambda x: nn.relu(bn(x))) if relu else bn
+
+    class Reference(nn.Module):
+        train: bool
+
+        @nn.compact
+        def __call__(self, x):
+            return reference(self.train)(x)
+
+    class Fast(nn.Module):
+        train: bool
+
+        @nn.compact
+        def __call__(self, x):
+            bn = BatchNorm(not self.train, momentum=0.9, epsilon=1e-5, relu=relu, name="bn")
+            return bn(x)
+
+    variables = Reference(True).init(jax.random.key(8), x)
+    assert jax.tree.structure(variables) == jax.tree.structure(
+        Fast(True).init(jax.random.key(8), x)
+    )
+    variables = jax.tree.map(lambda v: v + 0.3, variables)  # Non-trivial scale, bias, stats.
+
+    def loss(module, params, x):
+        y, state = module.apply({**variables, "params": params}, x, mutable=["batch_stats"])
+        return jnp.sum(y * weights), (y, state)
+
+    results = [
+        jax.jit(jax.value_and_grad(functools.partial(loss, m), argnums=(0, 1), has_aux=True))(
+            variables["params"], x
+        )
+        for m in (Reference(True), Fast(True))
+    ]
+    (_, (y_ref, state_ref)), grads_ref = results[0]
+    (_, (y, state)), grads = results[1]
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves((state, grads)), jax.tree.leaves((state_ref, grads_ref))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        Fast(False).apply(variables, x), Reference(False).apply(variables, x), rtol=1e-5, atol=1e-5
+    )

@@ -15,6 +15,10 @@ with a 1x1x1 strided projection shortcut. Global average pooling and a Dense hea
 Module names follow torchvision's state-dict keys (``stem_conv1``, ``layer2_0/conv1_spatial``
 ...). Batch norm uses PyTorch's momentum 0.1 and epsilon 1e-5.
 
+The layers run as `medjax.models.fastconv` computes them, with `nn.Conv` / `nn.BatchNorm`'s
+parameters and outputs: the factorised convolutions as 2-D convolutions (with tap-wise
+kernel gradients on CPU), batch norm + ReLU with one hand-written backward pass.
+
 `R2Plus1D` is configurable: ``depth`` 10/18/34 (blocks per stage), ``width`` (64 for the
 paper's model), ``stem_width``. `EFRegressor` sets its single output's bias to the training
 mean EF, as EchoNet-Dynamic does, so training starts from the mean predictor.
@@ -27,7 +31,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from medjax.models.resnet import batch_norm
+from medjax.models.fastconv import BatchNorm, Conv
 
 __all__ = ["R2Plus1D", "EFRegressor", "STAGE_SIZES", "midplanes"]
 
@@ -42,9 +46,13 @@ def midplanes(in_planes: int, out_planes: int) -> int:
 
 def _conv3d(
     features: int, kernel: Sequence[int], stride: Sequence[int], dtype: Any, name: str
-) -> nn.Conv:
-    """A bias-free 3D conv padded like PyTorch's ``padding=kernel // 2`` per axis."""
-    return nn.Conv(
+) -> Conv:
+    """A bias-free 3D conv padded like PyTorch's ``padding=kernel // 2`` per axis.
+
+    `fastconv.Conv` (`nn.Conv`'s parameters and outputs): the factorised kernels run as 2-D
+    convolutions, with tap-wise kernel gradients on CPU.
+    """
+    return Conv(
         features,
         kernel_size=tuple(kernel),
         strides=tuple(stride),
@@ -53,6 +61,21 @@ def _conv3d(
         dtype=dtype,
         param_dtype=jnp.float32,
         kernel_init=_CONV_INIT,
+        name=name,
+    )
+
+
+def batch_norm(train: bool, dtype: Any, name: str, relu: bool = False) -> BatchNorm:
+    """`medjax.models.resnet.batch_norm`'s layer (PyTorch's momentum and epsilon, float32
+    statistics and parameters, the same variables) as `fastconv.BatchNorm`, optionally with
+    the ReLU that follows it fused into its backward pass."""
+    return BatchNorm(
+        use_running_average=not train,
+        momentum=0.9,
+        epsilon=1e-5,
+        relu=relu,
+        dtype=dtype,
+        param_dtype=jnp.float32,
         name=name,
     )
 
@@ -69,7 +92,7 @@ class Conv2Plus1D(nn.Module):
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
         s = self.stride
         x = _conv3d(self.mid_features, (1, 3, 3), (1, s, s), self.dtype, "spatial")(x)
-        x = nn.relu(batch_norm(train, self.dtype, "spatial_bn")(x))
+        x = batch_norm(train, self.dtype, "spatial_bn", relu=True)(x)
         return _conv3d(self.features, (3, 1, 1), (s, 1, 1), self.dtype, "temporal")(x)
 
 
@@ -86,7 +109,7 @@ class BasicBlock3D(nn.Module):
         # As torchvision: one intermediate width, from the block's input, for both convs.
         mid = midplanes(in_planes, self.features)
         y = Conv2Plus1D(self.features, mid, self.stride, self.dtype, name="conv1")(x, train=train)
-        y = nn.relu(batch_norm(train, self.dtype, "bn1")(y))
+        y = batch_norm(train, self.dtype, "bn1", relu=True)(y)
         y = Conv2Plus1D(self.features, mid, 1, self.dtype, name="conv2")(y, train=train)
         y = batch_norm(train, self.dtype, "bn2")(y)
         shortcut = x
@@ -132,9 +155,9 @@ class R2Plus1D(nn.Module):
         stem_width = self.stem_width or max(1, round(45 * self.width / 64))
         x = x.astype(self.dtype)
         x = _conv3d(stem_width, (1, 7, 7), (1, 2, 2), self.dtype, "stem_conv1")(x)
-        x = nn.relu(batch_norm(train, self.dtype, "stem_bn1")(x))
+        x = batch_norm(train, self.dtype, "stem_bn1", relu=True)(x)
         x = _conv3d(self.width, (3, 1, 1), (1, 1, 1), self.dtype, "stem_conv2")(x)
-        x = nn.relu(batch_norm(train, self.dtype, "stem_bn2")(x))
+        x = batch_norm(train, self.dtype, "stem_bn2", relu=True)(x)
         for stage, num_blocks in enumerate(STAGE_SIZES[self.depth]):
             for index in range(num_blocks):
                 x = BasicBlock3D(
