@@ -80,20 +80,12 @@ from medjax_datasets.common import (
     video_feature,
 )
 
+# The columns echo DICOM conversion writes are the ones this builder reads.
+from medjax.preprocess.echo_dicom import FILE_LIST_COLUMNS
+
 FILE_LIST = "FileList.csv"
 VOLUME_TRACINGS = "VolumeTracings.csv"
 VIDEOS_DIR = "Videos"
-FILE_LIST_COLUMNS = (
-    "FileName",
-    "EF",
-    "ESV",
-    "EDV",
-    "FrameHeight",
-    "FrameWidth",
-    "FPS",
-    "NumberOfFrames",
-    "Split",
-)
 TRACING_COLUMNS = ("FileName", "X1", "Y1", "X2", "Y2", "Frame")
 SPLIT_NAMES = {"train": "train", "val": "validation", "validation": "validation", "test": "test"}
 FRAME_SIZE = 112

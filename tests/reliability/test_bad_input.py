@@ -20,8 +20,6 @@ import contextlib
 import gzip
 import json
 import os
-import resource
-import signal
 import struct
 import subprocess
 import sys
@@ -56,6 +54,7 @@ from medjax_datasets.sdf_perfusion.sdf_perfusion import SdfDataError, read_label
 from medjax import data
 from medjax.preprocess import ct, dicom, echo_dicom, image, video
 from tests.conftest import REPO
+from tests.reliability import guards
 from tests.test_echo_dicom import echo_frames, make_dataset
 from tests.test_serve import png_header_only
 
@@ -68,40 +67,11 @@ CRL_HEADER = "id,patient_id,pixel_spacing_mm,ga_days,quality"
 SDF_HEADER = "video_id,patient_id,mfi_q1,mfi_q2,mfi_q3,mfi_q4"
 
 
-class Hang(Exception):
-    """A reader ran past the hang guard."""
-
-
 @contextlib.contextmanager
-def bounded(seconds: int = HANG_GUARD_S, extra_bytes: int = MEMORY_GUARD_BYTES):
-    """Runs a block with a hang guard and a memory guard.
-
-    The block fails with `Hang` when it runs longer than `seconds`, and with `MemoryError`
-    when it tries to grow this process's address space by more than `extra_bytes` (on Linux),
-    so a reader that believes a header claiming a huge image fails the test instead of
-    exhausting the machine.
-    """
-
-    def alarm(signum, frame):
-        raise Hang(f"no answer within {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, alarm)
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    limit = None
-    if os.path.exists("/proc/self/statm"):
-        with open("/proc/self/statm") as f:
-            limit = int(f.read().split()[0]) * resource.getpagesize() + extra_bytes
-        if hard != resource.RLIM_INFINITY:
-            limit = min(limit, hard)
-        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
-    signal.alarm(seconds)
-    try:
+def bounded():
+    """The hang and memory guards (`tests.reliability.guards.bounded`) at this module's limits."""
+    with guards.bounded(HANG_GUARD_S, MEMORY_GUARD_BYTES):
         yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-        if limit is not None:
-            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,8 +18,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import resource
-import signal
 from unittest import mock
 
 import numpy as np
@@ -55,6 +53,7 @@ from medjax_datasets.sdf_perfusion.sdf_perfusion import (
 )
 
 from medjax.preprocess import ct, dicom, echo_dicom, image
+from tests.reliability import guards
 from tests.test_echo_dicom import echo_frames, make_dataset
 
 FUZZ_MAX_PIXELS = 2**16
@@ -69,39 +68,15 @@ FUZZ = settings(
 )
 
 
-class Hang(Exception):
-    """A reader ran past the hang guard."""
-
-
 @contextlib.contextmanager
 def bounded():
     """Lowered size limit, a hang guard and a memory guard (see the module docstring)."""
-
-    def alarm(signum, frame):
-        raise Hang(f"no answer within {HANG_GUARD_S} s")
-
-    previous = signal.signal(signal.SIGALRM, alarm)
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    limit = None
-    if os.path.exists("/proc/self/statm"):  # Linux: the address space in use now.
-        with open("/proc/self/statm") as f:
-            limit = int(f.read().split()[0]) * resource.getpagesize() + MEMORY_GUARD_BYTES
-        if hard != resource.RLIM_INFINITY:
-            limit = min(limit, hard)
     patches = [mock.patch.object(m, "MAX_PIXELS", FUZZ_MAX_PIXELS) for m in (image, dicom, ct)]
     with contextlib.ExitStack() as stack:
         for patch in patches:
             stack.enter_context(patch)
-        if limit is not None:
-            resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
-        signal.alarm(HANG_GUARD_S)
-        try:
-            yield
-        finally:
-            signal.alarm(0)
-            signal.signal(signal.SIGALRM, previous)
-            if limit is not None:
-                resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+        stack.enter_context(guards.bounded(HANG_GUARD_S, MEMORY_GUARD_BYTES))
+        yield
 
 
 def _only_clear_errors(read, path: str, error: type[Exception]):
