@@ -155,6 +155,16 @@ def test_metrics_agree_with_scikit_learn():
     assert np.sum(result["confusion_matrix"]) == 40
 
 
+def test_a_bad_motion_gain_is_named():
+    config = load_config(PERFUSION_CONFIG, arg="model=cnn_rnn", data__motion_gain=float("nan"))
+    with pytest.raises(ValueError, match=r"config.data.motion_gain=nan must be a positive"):
+        perfusion.model_frames(config, np.zeros((1, 2, 4, 4, 1), np.uint8))
+    config = load_config(PERFUSION_CONFIG, arg="model=convlstm")
+    frames = np.zeros((1, 2, 4, 4, 1), np.uint8)
+    frames[0, 1] = 51  # 0.2 in [0, 1] units.
+    np.testing.assert_allclose(perfusion.model_frames(config, frames)[0, 1, 0, 0], [0.2, 0.8])
+
+
 # ============================================================================ learning
 def test_convlstm_learns_the_flow_class_on_held_out_videos(convlstm_run):
     config, workdir, result = convlstm_run
