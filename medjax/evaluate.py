@@ -59,10 +59,12 @@ def evaluate_variables(
     def step_with_valid(variables, batch):
         return task.eval_step(variables, batch), batch["valid"]
 
-    eval_step = jax.jit(
+    eval_step = parallel.jit(
         step_with_valid, in_shardings=(replicated, sharded), out_shardings=replicated
     )
-    predict = jax.jit(task.predict, in_shardings=(replicated, sharded), out_shardings=replicated)
+    predict = parallel.jit(
+        task.predict, in_shardings=(replicated, sharded), out_shardings=replicated
+    )
     totals: dict[str, list[float]] = {}
     gathered: dict[str, list[np.ndarray]] = {}
     samples = []

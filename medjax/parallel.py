@@ -8,6 +8,7 @@ own slice of the global batch (a host-local numpy batch), which becomes one glob
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Callable, Mapping, Optional, TypeVar
 
@@ -95,6 +96,40 @@ def build_once(build: Callable[[], T]) -> T:
     result = build() if jax.process_index() == 0 else None
     multihost_utils.sync_global_devices("medjax.build_once")
     return result if result is not None else build()
+
+
+# XLA's CPU backend (jaxlib 0.10) hands convolutions, dots and reductions to YNNPACK by default.
+# Its convolutions ran on one thread here: with them left to XLA's own (Eigen) convolutions,
+# which use every core, training steps on 2 cores measured 10-45 % faster (README,
+# "Performance"). Reductions stay with YNNPACK: without it XLA splits the batch-norm sums into
+# slow reduce-windows. Set XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=... to choose
+# otherwise; that wins over this default.
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+@functools.cache
+def compiler_options() -> Optional[dict[str, str]]:
+    """XLA options for medjax's jitted functions on this backend (None: XLA's defaults).
+
+    On CPU, `CPU_COMPILER_OPTIONS` unless XLA_FLAGS names the same option or this XLA does not
+    know it (then a warning, and the defaults); elsewhere None.
+    """
+    if jax.default_backend() != "cpu":
+        return None
+    flags = os.environ.get("XLA_FLAGS", "")
+    if any(name in flags for name in CPU_COMPILER_OPTIONS):
+        return None
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=CPU_COMPILER_OPTIONS).lower(1.0).compile()
+    except Exception as error:  # An XLA without the option: keep its defaults.
+        logging.warning("XLA rejected %s (%s); using its defaults.", CPU_COMPILER_OPTIONS, error)
+        return None
+    return dict(CPU_COMPILER_OPTIONS)
+
+
+def jit(fun: Callable, **kwargs) -> Any:
+    """`jax.jit` with `compiler_options()` (the keyword arguments are jax.jit's)."""
+    return jax.jit(fun, compiler_options=compiler_options(), **kwargs)
 
 
 def make_mesh(num_devices: Optional[int] = None) -> Mesh:

@@ -140,16 +140,13 @@ def main(argv):
     if f.config.task == "perfusion":
         from medjax.tasks import perfusion
 
-        for report in perfusion.predict_video_files(
-            f.workdir, paths, out, checkpoint=f.checkpoint
-        ):
+        for report in perfusion.predict_video_files(f.workdir, paths, out, checkpoint=f.checkpoint):
             print(f"{report['file']}: {perfusion.summary(report)}")
         print(f"Reports in {out}")
         return
     if f.config.task != "crl":
         raise app.UsageError(
-            f"medjax.predict serves crl, echonet, ich, embryo and perfusion, not "
-            f"{f.config.task!r}."
+            f"medjax.predict serves crl, echonet, ich, embryo and perfusion, not {f.config.task!r}."
         )
     for report in predict_files(
         f.workdir, paths, out, checkpoint=f.checkpoint, pixel_spacing_mm=f.pixel_spacing_mm

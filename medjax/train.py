@@ -401,7 +401,7 @@ def build_training(config, task, mesh):
         )
 
     rng = jax.random.key_data(jax.random.key(config.seed))
-    state = jax.jit(init_state, out_shardings=replicated)(rng)
+    state = parallel.jit(init_state, out_shardings=replicated)(rng)
 
     def train_step(state: TrainState, batch):
         step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -440,7 +440,7 @@ def build_training(config, task, mesh):
         }
         return new_state, metrics
 
-    jitted_step = jax.jit(
+    jitted_step = parallel.jit(
         train_step,
         in_shardings=(replicated, parallel.batch_sharding(mesh)),
         out_shardings=(replicated, replicated),

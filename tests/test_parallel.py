@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from medjax import parallel
@@ -64,3 +66,49 @@ def test_to_global_shards_the_batch_axis():
     assert out.shape == batch["x"].shape
     assert out.sharding.spec[0] == parallel.DATA_AXIS
     np.testing.assert_array_equal(np.asarray(out), batch["x"])
+
+
+def _conv_grad_hlo(jit):
+    """The compiled text of a 3x3 convolution's gradient (forward, both gradients)."""
+    x, w = jnp.ones((2, 16, 16, 8)), jnp.ones((3, 3, 8, 32))
+
+    def loss(x, w):
+        y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=CONV_DIMS)
+        return jnp.sum(y * y)
+
+    return jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
+
+
+CONV_DIMS = ("NHWC", "HWIO", "NHWC")
+
+
+def _ynn_convolutions(text: str) -> int:
+    """How many convolutions of a compiled HLO text sit in computations YNNPACK runs."""
+    called = re.findall(r"calls=%?([\w.\-]+), [^\n]*__ynn_fusion", text)
+    bodies = dict(re.findall(r"\n%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", text, re.S))
+    return sum(bodies.get(name, "").count("convolution(") for name in called)
+
+
+def test_cpu_steps_keep_convolutions_with_xla(monkeypatch):
+    # On CPU medjax's jit leaves convolutions to XLA's multi-threaded ones (YNNPACK's ran on
+    # one thread); the options must actually reach the compiler.
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    parallel.compiler_options.cache_clear()
+    try:
+        assert parallel.compiler_options() == parallel.CPU_COMPILER_OPTIONS
+        text = _conv_grad_hlo(parallel.jit)
+        assert "convolution" in text
+        assert "LIBRARY_FUSION_TYPE" not in text
+        assert _ynn_convolutions(text) == 0
+        assert _ynn_convolutions(_conv_grad_hlo(jax.jit)) > 0  # XLA's default, for contrast
+    finally:
+        parallel.compiler_options.cache_clear()
+
+
+def test_xla_flags_choice_wins_over_the_cpu_default(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
+    parallel.compiler_options.cache_clear()
+    try:
+        assert parallel.compiler_options() is None
+    finally:
+        parallel.compiler_options.cache_clear()

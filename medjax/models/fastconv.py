@@ -153,8 +153,7 @@ def _check_shapes(name: str, x, kernel, layouts: tuple[str, str]) -> None:
     expected = 4 if name == "conv2d" else 5
     if x.ndim != expected or kernel.ndim != expected:
         raise ValueError(
-            f"{name} expects {layouts[0]} and {layouts[1]}, got shapes {x.shape} and "
-            f"{kernel.shape}"
+            f"{name} expects {layouts[0]} and {layouts[1]}, got shapes {x.shape} and {kernel.shape}"
         )
     if x.shape[-1] != kernel.shape[-2]:
         raise ValueError(

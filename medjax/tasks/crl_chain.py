@@ -19,7 +19,7 @@ import numpy as np
 from absl import logging
 
 from medjax import evaluate as eval_lib
-from medjax import plots, writers
+from medjax import parallel, plots, writers
 from medjax.clinical import crl as clinical
 from medjax.input import augment as aug
 from medjax.tasks.stages import MissingStageError, data_from, load_stage  # noqa: F401
@@ -49,7 +49,7 @@ class CrlChain:
             for stage in STAGES
         }
         self._predict = {
-            stage: jax.jit(task.predict) for stage, (_, task, _, _) in self.stages.items()
+            stage: parallel.jit(task.predict) for stage, (_, task, _, _) in self.stages.items()
         }
         self.quality_threshold = self.stages["quality"][0].eval.threshold
 

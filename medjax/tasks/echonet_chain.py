@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from medjax import plots, writers
+from medjax import parallel, plots, writers
 from medjax.clinical import echo
 from medjax.input import clips as clip_lib
 from medjax.input import pipeline
@@ -49,7 +49,9 @@ class EchonetChain:
             )
             for stage in STAGES
         }
-        self._predict = {s: jax.jit(task.predict) for s, (_, task, _, _) in self.stages.items()}
+        self._predict = {
+            s: parallel.jit(task.predict) for s, (_, task, _, _) in self.stages.items()
+        }
 
     def _run(self, stage: str, batch: dict) -> dict:
         _, _, variables, _ = self.stages[stage]

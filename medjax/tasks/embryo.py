@@ -84,7 +84,7 @@ from medjax_datasets.embryo_timelapse import embryo_timelapse as dataset
 
 from medjax import checkpoint as ckpt_lib
 from medjax import data as data_lib
-from medjax import metrics, models, plots, writers
+from medjax import metrics, models, parallel, plots, writers
 from medjax.input import augment as aug
 from medjax.input import pipeline
 from medjax.models import sequence, vae
@@ -515,7 +515,7 @@ class FrameEmbedder:
         self.variables = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), variables)
         self.batch_size = int(batch_size)
         model = self.task.model
-        self._embed = jax.jit(
+        self._embed = parallel.jit(
             lambda v, frames: model.apply(
                 v, jnp.asarray(frames, jnp.float32) / 255.0, method="embed"
             )
@@ -1337,7 +1337,7 @@ class EmbryoPredictor:
                 checkpoint=checkpoint,
             )
             self.variables = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), variables)
-            self._predict = jax.jit(self.task.predict)
+            self._predict = parallel.jit(self.task.predict)
             self.classifier = "lstm"
         else:
             self.config = stage_config(workdir, stage, CONFIG_FILE, CLASSIFY_STAGES[stage])

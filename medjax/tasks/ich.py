@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medjax import data as data_lib
-from medjax import losses, metrics, models, plots, writers
+from medjax import losses, metrics, models, parallel, plots, writers
 from medjax.input import pipeline, transforms
 from medjax.tasks.base import DatasetAccess
 from medjax.tasks.segmentation import SegmentationTask, overlay_row
@@ -389,7 +389,7 @@ class IchSegmentation(IchData, SegmentationTask):
         ranked = sorted(positive, key=lambda i: (rows[i]["dice"], i))
         count = max(1, min(self.config.eval.num_plot, len(ranked) // 2 or 1))
         local = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), variables)
-        predict = jax.jit(self.predict)
+        predict = parallel.jit(self.predict)
         records = self.records(split)
         paths = []
         for name, picks in (("worst", ranked[:count]), ("best", ranked[::-1][:count])):
@@ -545,7 +545,7 @@ class IchPredictor:
             workdir, "", config_file="configs/ich.py", variant="model=unet", checkpoint=checkpoint
         )
         self.variables = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), variables)
-        self._predict = jax.jit(self.task.predict)
+        self._predict = parallel.jit(self.task.predict)
         self.threshold = float(self.config.eval.threshold)
 
     def segment(self, hu: np.ndarray, pixel_spacing_mm=None) -> dict:

@@ -67,7 +67,7 @@ from absl import logging
 from medjax_datasets.sdf_perfusion import sdf_perfusion as dataset
 
 from medjax import data as data_lib
-from medjax import models, plots, writers
+from medjax import models, parallel, plots, writers
 from medjax.input import pipeline
 from medjax.models import convlstm
 from medjax.models.inception import frame_features
@@ -618,7 +618,7 @@ def init_backbone(config) -> dict:
     size = config.data.frame_size
     channels = 2 if config.data.get("motion_channel", False) else 1
     example = jnp.zeros((1, 1, size, size, channels), jnp.float32)
-    variables = jax.jit(lambda key: model.init(key, example, train=False))(
+    variables = parallel.jit(lambda key: model.init(key, example, train=False))(
         jax.random.key(config.seed, impl="rbg")
     )
     variables = jax.device_get(variables)
@@ -713,7 +713,7 @@ class PerfusionFeatureTask(_PerfusionEvaluation, PerfusionData, Task):
             1, self.config.train.feature_batch_size // self.config.data.num_frames
         )
 
-        @jax.jit
+        @parallel.jit
         def update(variables, frames):
             _, state = model.apply(
                 variables,
@@ -761,7 +761,7 @@ class PerfusionFeatureTask(_PerfusionEvaluation, PerfusionData, Task):
             self._features[split] = np.load(path)
             return self._features[split]
         source = self.source(split)
-        apply = jax.jit(functools.partial(frame_features, self.full_model))
+        apply = parallel.jit(functools.partial(frame_features, self.full_model))
         batch = max(1, self.config.train.feature_batch_size // self.config.data.num_frames)
         chunks = []
         for start in range(0, len(source), batch):
@@ -922,7 +922,7 @@ class PerfusionPredictor:
         self.variables = variables
         self.run_dir = workdir
         config = self.config
-        self._predict = jax.jit(
+        self._predict = parallel.jit(
             lambda v, video: predictions(
                 model.apply(v, model_frames(config, video), train=False),
                 flow_class_rule(self.config),
