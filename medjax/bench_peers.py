@@ -33,13 +33,12 @@ also calls torch.set_num_threads(--threads); XLA's CPU client sizes its thread p
 CPUs the process may run on (XLA_FLAGS has no thread-count flag in this jaxlib).
 
 Memory: XLA's CPU runtime allocates a step's temporary buffers afresh at every execution
-(hundreds of MiB for the U-Net, 3 GiB for the R(2+1)D-18 at batch 2), and glibc hands such
-blocks out as new mappings whose every 4 KiB page faults on first touch: about a fifth of the
-U-Net step and a third of the R(2+1)D step on a virtual machine. --glibc_tunables=
-glibc.malloc.hugetlb=1 (glibc >= 2.35, transparent huge pages in "madvise" or "always" mode)
-makes glibc ask for 2 MiB pages instead; it is set for both sides (PyTorch's step hardly
-changes). The variable must be set when a process starts; to train with it, export it
-before `python -m medjax.main`.
+(hundreds of MiB for the U-Net, 3 GiB for the R(2+1)D-18 at batch 2): with 4 KiB pages every
+page faults on first touch and strided passes miss the TLB. --glibc_tunables=
+glibc.malloc.hugetlb=1 (glibc >= 2.35, transparent huge pages in "madvise" mode) makes glibc
+use 2 MiB pages instead, for both sides. medjax's entry points choose that themselves where
+the system allows (medjax/hugepages.py); here they are kept from it (MEDJAX_HUGE_PAGES=0)
+unless --medjax_huge_pages, so that by default both sides run with the same pages.
 
 Each round runs the peer and medjax once each, in alternating order, so drifts in the shared
 machine's load hit both alike; each run reports its median step time over --steps after
@@ -86,6 +85,13 @@ _GLIBC_TUNABLES = flags.DEFINE_string(
     "",
     "GLIBC_TUNABLES for both sides' runs, e.g. glibc.malloc.hugetlb=1 (see the docstring).",
 )
+_MEDJAX_HUGE_PAGES = flags.DEFINE_bool(
+    "medjax_huge_pages",
+    False,
+    "Let medjax's entry point choose 2 MiB pages itself, as it does for its users "
+    "(medjax/hugepages.py); by default its runs get MEDJAX_HUGE_PAGES=0, so that both sides "
+    "use the pages --glibc_tunables gives them.",
+)
 _PEERS_DIR = flags.DEFINE_string(
     "peers_dir", os.path.join(REPO, "..", "shared", "bench"), "Folder of peer_unet.py."
 )
@@ -100,6 +106,14 @@ _OUT = flags.DEFINE_string(
 def pinned_cpus(threads: int) -> list[int]:
     """The first `threads` CPUs this process may run on (all of them if fewer)."""
     return sorted(os.sched_getaffinity(0))[:threads]
+
+
+def _medjax_env() -> dict[str, str]:
+    """Environment for a medjax.benchmark run (see --xla_flags, --medjax_huge_pages)."""
+    env = {"XLA_FLAGS": _XLA_FLAGS.value, "JAX_PLATFORMS": "cpu"}
+    if not _MEDJAX_HUGE_PAGES.value:
+        env["MEDJAX_HUGE_PAGES"] = "0"
+    return env
 
 
 def _run(command: list[str], cpus: list[int], env: dict | None = None) -> str:
@@ -157,7 +171,7 @@ def medjax_unet_step_s(cpus: list[int]) -> float:
         ]
         if _LOSS.value == "bce":
             command.append("--config.loss.dice_weight=0.0")
-        _run(command, cpus, env={"XLA_FLAGS": _XLA_FLAGS.value, "JAX_PLATFORMS": "cpu"})
+        _run(command, cpus, env=_medjax_env())
         with open(out) as f:
             return float(json.load(f)[0]["step_time_median_s"])
 
@@ -196,7 +210,7 @@ def medjax_r2plus1d_step_s(cpus: list[int]) -> float:
             "--warmup=1",
             f"--out={out}",
         ]
-        _run(command, cpus, env={"XLA_FLAGS": _XLA_FLAGS.value, "JAX_PLATFORMS": "cpu"})
+        _run(command, cpus, env=_medjax_env())
         with open(out) as f:
             return float(json.load(f)[0]["step_time_median_s"])
 
@@ -333,6 +347,7 @@ def main(argv):
         "threads": _THREADS.value,
         "xla_flags": _XLA_FLAGS.value,
         "glibc_tunables": _GLIBC_TUNABLES.value,
+        "medjax_huge_pages": _MEDJAX_HUGE_PAGES.value,
         "rounds": _ROUNDS.value,
     }
     if "unet" in _MODELS.value:

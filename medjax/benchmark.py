@@ -482,6 +482,8 @@ def benchmark(
         "tflops": flops / median / 1e12,
         "peak_memory_bytes": memory,
         "peak_memory_source": memory_source,
+        # 2 MiB pages or not (medjax/hugepages.py): it changes CPU step times.
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
     }
     del state  # Frees the timed state's device memory before the search builds its own.
     if max_batch:

@@ -51,9 +51,13 @@ def crl_data_dir(tmp_path_factory):
 def run_module(
     args: list[str], *, env_extra: dict | None = None, timeout: float = 300, check: bool = True
 ) -> subprocess.CompletedProcess:
-    """Runs `python <args>` from the repo root and returns the completed process."""
+    """Runs `python <args>` from the repo root and returns the completed process.
+
+    `env_extra` is added to this process's environment; a value None removes that variable.
+    """
     env = dict(os.environ)
     env.update(env_extra or {})
+    env = {k: v for k, v in env.items() if v is not None}
     proc = subprocess.run(
         [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
     )

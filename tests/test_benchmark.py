@@ -4,11 +4,12 @@ search, and clear errors. No wall-clock speed is asserted: the machine is shared
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
 
-from medjax import benchmark
+from medjax import benchmark, hugepages
 from tests.conftest import CRL_CONFIG, load_config, run_module
 
 FIELDS = (
@@ -63,10 +64,20 @@ def test_one_and_two_devices_give_complete_records(crl_data_dir, tmp_path):
             f"--config.data.data_dir={crl_data_dir}",
             f"--out={out}",
         ],
-        env_extra={"XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"},
+        # Without GLIBC_TUNABLES the entry point picks 2 MiB pages itself where it can.
+        env_extra={
+            "XLA_FLAGS": "",
+            "JAX_PLATFORMS": "cpu",
+            "GLIBC_TUNABLES": None,
+            hugepages.OFF_SWITCH: None,
+        },
     )
     records = json.loads(out.read_text())
     assert [r["device_count"] for r in records] == [1, 2]
+    supported = hugepages.wanted(
+        {}, "medjax.benchmark", sys.platform, hugepages.glibc_version(), hugepages.thp_mode()
+    )
+    assert {r["glibc_tunables"] for r in records} == {hugepages.TUNABLE if supported else None}
     for r in records:
         assert not [k for k in FIELDS if k not in r], r
         assert r["platform"] == "cpu" and r["batch_per_device"] == 2

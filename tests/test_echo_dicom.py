@@ -30,8 +30,16 @@ HALF_ANGLE_DEG = 35
 US_MULTIFRAME = "1.2.840.10008.5.1.4.1.1.3.1"
 US_IMAGE = "1.2.840.10008.5.1.4.1.1.6.1"
 INPUT_NAME = "jane_doe_echo.dcm"
-PHI_STRINGS = [b"Doe", b"DOE", b"doe", b"Jane", b"JANE", b"PHI-12345", b"jane_doe_echo",
-               b"19700101"]
+PHI_STRINGS = [
+    b"Doe",
+    b"DOE",
+    b"doe",
+    b"Jane",
+    b"JANE",
+    b"PHI-12345",
+    b"jane_doe_echo",
+    b"19700101",
+]
 # Where the name is burned in inside the fan's bounding box but outside the fan.
 NAME_IN_BOX = (30, 36)
 
@@ -59,7 +67,7 @@ def echo_frames(num_frames: int, seed: int = 0) -> np.ndarray:
         cv2.putText(frame, "PHI-12345", (115, 157), cv2.FONT_HERSHEY_SIMPLEX, 0.35, 255, 1)
         cv2.rectangle(frame, (182, 4), (196, 18), 200, -1)  # Static logo.
         sweep_x = 2 + (3 * t) % 16  # A moving ECG cursor block in the bottom-left corner.
-        frame[128:140, sweep_x:sweep_x + 5] = 255
+        frame[128:140, sweep_x : sweep_x + 5] = 255
         frames[t] = frame
     return frames
 
@@ -129,7 +137,7 @@ def name_in_box_output_pixels(size: int = 112) -> np.ndarray:
     rows = np.flatnonzero(fan_mask().any(axis=1))
     cols = np.flatnonzero(fan_mask().any(axis=0))
     box = np.zeros((ROWS, COLS), bool)
-    box[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] = True
+    box[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1] = True
     cropped, _ = echo_dicom.crop_sector(name, box, size)
     return cropped[0] > 100
 
@@ -201,10 +209,19 @@ def test_convert_grayscale_dicom_end_to_end(tmp_path, capsys):
         assert same > 0.95 and other < 0.75, (t, same, other)
 
     rows = read_file_list(raw_dir)
-    assert rows == [{
-        "FileName": name, "EF": "", "ESV": "", "EDV": "", "FrameHeight": "112",
-        "FrameWidth": "112", "FPS": "30", "NumberOfFrames": "24", "Split": "TEST",
-    }]
+    assert rows == [
+        {
+            "FileName": name,
+            "EF": "",
+            "ESV": "",
+            "EDV": "",
+            "FrameHeight": "112",
+            "FrameWidth": "112",
+            "FPS": "30",
+            "NumberOfFrames": "24",
+            "Split": "TEST",
+        }
+    ]
 
     for root, _, files in os.walk(raw_dir):
         for file_name in files:
@@ -221,15 +238,19 @@ def test_rgb_and_ybr_frames_become_opencv_gray_with_frame_time_fps(tmp_path):
     expected = np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in rgb])
 
     video = echo_dicom.read_echo_dicom(
-        save(make_dataset(rgb, "RGB", {"FrameTime": 40.0}), tmp_path / "rgb.dcm"))
+        save(make_dataset(rgb, "RGB", {"FrameTime": 40.0}), tmp_path / "rgb.dcm")
+    )
     assert video.frames.shape == (12, ROWS, COLS) and video.frames.dtype == np.uint8
     assert np.array_equal(video.frames, expected)
     assert video.fps == pytest.approx(25.0)
 
     ybr = convert_color_space(rgb, "RGB", "YBR_FULL")
     video = echo_dicom.read_echo_dicom(
-        save(make_dataset(ybr, "YBR_FULL", {"FrameTimeVector": [0] + [20] * 11}),
-             tmp_path / "ybr.dcm"))
+        save(
+            make_dataset(ybr, "YBR_FULL", {"FrameTimeVector": [0] + [20] * 11}),
+            tmp_path / "ybr.dcm",
+        )
+    )
     assert np.abs(video.frames.astype(int) - expected).max() <= 2
     assert video.fps == pytest.approx(50.0)
 
@@ -245,7 +266,8 @@ def test_rgb_and_ybr_frames_become_opencv_gray_with_frame_time_fps(tmp_path):
 def test_monochrome1_16_bit_is_inverted_and_scaled(tmp_path):
     frames = (echo_frames(4).astype(np.uint16) * 200 + 1000).astype(np.uint16)
     video = echo_dicom.read_echo_dicom(
-        save(make_dataset(frames, "MONOCHROME1"), tmp_path / "mono1.dcm"))
+        save(make_dataset(frames, "MONOCHROME1"), tmp_path / "mono1.dcm")
+    )
     assert video.frames.dtype == np.uint8
     brightest = np.unravel_index(np.argmax(frames), frames.shape)
     darkest = np.unravel_index(np.argmin(frames), frames.shape)
@@ -287,7 +309,8 @@ def test_rerun_merges_file_list_and_keeps_filled_in_labels(tmp_path):
     assert by_name[first_name]["EF"] == "45.5" and by_name[first_name]["Split"] == "VAL"
     assert by_name["0X1A2B3C4D5E6F7A8B"]["Split"] == "TRAIN"
     assert sorted(os.listdir(raw_dir / "Videos")) == sorted(
-        [first_name + ".avi", second_name + ".avi"])
+        [first_name + ".avi", second_name + ".avi"]
+    )
     assert not [n for n in os.listdir(raw_dir) if n.endswith(".tmp")]
 
 
@@ -312,8 +335,7 @@ def test_missing_frame_rate_fails_naming_the_file_unless_fps_is_given(tmp_path, 
     assert f"{INPUT_NAME}: no frame rate" in capsys.readouterr().out
     assert not os.path.exists(raw_dir / "FileList.csv")
 
-    assert echo_dicom.main(
-        ["--input", str(in_dir), "--output", str(raw_dir), "--fps", "20"]) == 0
+    assert echo_dicom.main(["--input", str(in_dir), "--output", str(raw_dir), "--fps", "20"]) == 0
     assert read_file_list(raw_dir)[0]["FPS"] == "20"
 
 
@@ -346,14 +368,29 @@ def test_command_line_converts_and_skips_other_modalities(tmp_path):
     ct = make_dataset(echo_frames(3))
     ct.Modality = "CT"
     save(ct, in_dir / "ct_series.dcm")
-    proc = run_module([
-        "-m", "medjax.preprocess.echo_dicom", "--input", str(in_dir), "--output", str(raw_dir),
-        "--size", "64", "--split", "TRAIN",
-    ], timeout=120)
+    proc = run_module(
+        [
+            "-m",
+            "medjax.preprocess.echo_dicom",
+            "--input",
+            str(in_dir),
+            "--output",
+            str(raw_dir),
+            "--size",
+            "64",
+            "--split",
+            "TRAIN",
+        ],
+        timeout=120,
+    )
     assert "Converted 1 echo video(s)" in proc.stdout
     assert "ct_series.dcm: modality 'CT', not ultrasound" in proc.stdout
     (row,) = read_file_list(raw_dir)
     assert (row["FrameHeight"], row["FrameWidth"], row["FPS"], row["Split"]) == (
-        "64", "64", "25", "TRAIN")
+        "64",
+        "64",
+        "25",
+        "TRAIN",
+    )
     video, fps = read_video_gray(str(raw_dir / "Videos" / f"{row['FileName']}.avi"))
     assert video.shape == (8, 64, 64) and abs(fps - 25) < 0.01
