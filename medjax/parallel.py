@@ -100,7 +100,7 @@ def build_once(build: Callable[[], T]) -> T:
 
 # XLA's CPU backend (jaxlib 0.10) hands convolutions, dots and reductions to YNNPACK by default.
 # Its convolutions ran on one thread here: with them left to XLA's own (Eigen) convolutions,
-# which use every core, training steps on 2 cores measured 10-45 % faster (README,
+# which use every core, training steps on 2 cores took 7-45 % less time (README,
 # "Performance"). Reductions stay with YNNPACK: without it XLA splits the batch-norm sums into
 # slow reduce-windows. Set XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=... to choose
 # otherwise; that wins over this default.
