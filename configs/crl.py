@@ -91,9 +91,12 @@ def get_config(arg=None):
     config.keypoints.heatmap_sigma = 1.5  # Target Gaussian width, in heatmap pixels.
     config.keypoints.heatmap_loss_weight = 1.0  # Heatmap cross-entropy next to the L1 loss.
 
+    # The quality check gates the chain at a fixed threshold, so its checkpoint is chosen by
+    # validation cross-entropy (ranking and calibration), not AUC (ranking only): a high-AUC
+    # checkpoint can still put every image on one side of the threshold.
     best_metric, best_mode = {
         "segment": ("val_dice", "max"),
-        "quality": ("val_auc", "max"),
+        "quality": ("val_loss", "min"),
         "keypoints": ("val_point_error_mm", "min"),
     }[stage]
     config.train = config_lib.train_config(

@@ -17,7 +17,7 @@ from medjax.tasks import crl_chain
 from tests.conftest import load_config
 
 COMMON = dict(
-    data__synthetic_num=200,
+    data__synthetic_num=400,  # test and validation splits of ~60 images: AUCs of 30 were noisy
     train__batch_size=16,
     train__warmup_steps=10,
     train__log_every=100,
@@ -33,7 +33,8 @@ STAGE_OVERRIDES = {
         train__checkpoint_every=300,
         train__learning_rate=3e-3,
     ),
-    # Validation AUC moves a lot between checkpoints of this tiny VGG: keep the best of three.
+    # Validation metrics move a lot between checkpoints of this tiny VGG: keep the best of three
+    # (by validation loss, the config's choice).
     "quality": dict(
         data__image_size=48,
         model__width=8,
@@ -108,11 +109,13 @@ def test_quality_beats_the_majority_class(experiment):
     assert tp + fn == quality["num_bad"] > 0
 
 
-def _test_example(data_dir):
+def _test_examples(data_dir, count):
+    """The first `count` test images with their true CRL (mm)."""
     source = _stage_task("segment", data_dir).source("test")
-    element = source[0]
-    truth = float(clinical.crl_mm(element["crown"], element["rump"], element["pixel_spacing_mm"]))
-    return element, truth
+    elements = [source[i] for i in range(count)]
+    return [
+        (e, float(clinical.crl_mm(e["crown"], e["rump"], e["pixel_spacing_mm"]))) for e in elements
+    ]
 
 
 def _write_dicom(path, image, spacing_mm):
@@ -140,25 +143,34 @@ def _write_dicom(path, image, spacing_mm):
 
 def test_predict_measures_png_and_dicom(experiment, tmp_path):
     workdir, data_dir, _ = experiment
-    element, truth_mm = _test_example(data_dir)
-    image = element["image"][..., 0]
-    spacing = float(element["pixel_spacing_mm"])
-    png, dcm = str(tmp_path / "scan.png"), str(tmp_path / "scan.dcm")
-    cv2.imwrite(png, image)
-    _write_dicom(dcm, image, spacing)
+    # Several scans, as one can be missed by a network this small: most must be measured well.
+    examples = _test_examples(data_dir, 5)
+    dicoms = []
+    for i, (element, _) in enumerate(examples):
+        dicoms.append(str(tmp_path / f"scan{i}.dcm"))
+        _write_dicom(dicoms[-1], element["image"][..., 0], float(element["pixel_spacing_mm"]))
+    png = str(tmp_path / "scan.png")
+    cv2.imwrite(png, examples[0][0]["image"][..., 0])
     out = str(tmp_path / "out")
-    png_report, dcm_report = predict.predict_files(workdir, [png, dcm], out, pixel_spacing_mm=None)
-    # The DICOM carries its spacing; the PNG has none, so CRL is in pixels only.
-    assert dcm_report["pixel_spacing_mm"] == pytest.approx(spacing, rel=1e-5)
-    assert abs(dcm_report["crl_mm"] - truth_mm) < 0.2 * truth_mm, (dcm_report, truth_mm)
-    assert dcm_report["ga_days"]["robinson"]["days"] == pytest.approx(
-        clinical.ga_robinson_days(dcm_report["crl_mm"]).days
+    *dcm_reports, png_report = predict.predict_files(
+        workdir, [*dicoms, png], out, pixel_spacing_mm=None
     )
+    errors = []
+    for (element, truth_mm), dcm_report in zip(examples, dcm_reports):
+        # The DICOM carries its spacing; the PNG has none, so CRL is in pixels only.
+        assert dcm_report["pixel_spacing_mm"] == pytest.approx(
+            float(element["pixel_spacing_mm"]), rel=1e-5
+        )
+        assert dcm_report["ga_days"]["robinson"]["days"] == pytest.approx(
+            clinical.ga_robinson_days(dcm_report["crl_mm"]).days
+        )
+        errors.append(abs(dcm_report["crl_mm"] - truth_mm) / truth_mm)
+    assert np.median(errors) < 0.2, (errors, dcm_reports)
     assert png_report["crl_mm"] is None and any(
         "pixel spacing" in w for w in png_report["warnings"]
     )
-    assert png_report["crl_px"] == pytest.approx(dcm_report["crl_px"], rel=1e-4)
-    for stem in ("scan",):
+    assert png_report["crl_px"] == pytest.approx(dcm_reports[0]["crl_px"], rel=1e-4)
+    for stem in ("scan", "scan0"):
         saved = json.load(open(os.path.join(out, f"{stem}.json")))
         assert saved["quality"]["verdict"] in ("good", "bad")
         assert 0.0 <= saved["quality"]["p_bad"] <= 1.0
